@@ -1,0 +1,288 @@
+"""Blockwise policy-drift gates (method.md, "The gate").
+
+Per response position t of a sampled path, with loss mask m_t:
+    d_t   = lp_cur_t - lp_old_t                                   (signed drift, student only)
+    D_s   = sum_{t in s} m_t f(d_t) / max(1, sum_{t in s} m_t)    (segment statistic; f = id, |.|, or ^2 then sqrt)
+    g_s   = exp(-tau |D_s|)        or   1[|D_s| <= threshold]      (raw gate, every position of s gets g_s)
+    g~_t  = g_t / (sum_t m_t g_t / sum_t m_t)                     (mean-normalized over valid positions)
+Segments cut each sequence's response into fixed blocks of ``block_size`` positions counted from the response
+start ("block"; "token" = blocks of 1, "sequence" = the whole response), or spans that start at marked positions
+("span", see ``newline_span_starts``). Positions before a sequence's response start are never gated (gate 1).
+The gates are detached: they reweight per-position losses and never carry gradient.
+
+Layer 1 of the package: tensors in, tensors out; no torch.distributed, no Megatron. The segmented reduction runs in
+the C++/CUDA extension when available (``megatron_bpd.ops``), else in its PyTorch reference.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import ops
+
+GRANULARITIES = ("none", "token", "block", "span", "sequence")
+STATISTICS = ("signed_mean", "abs_mean", "rms")
+GATE_FNS = ("exp", "hard")
+
+
+@dataclass
+class GateConfig:
+    """How drift is aggregated into gates. Defaults follow the paper's Block64 variant.
+
+    ``span_min_len``/``span_max_len``/``span_fallback_block`` are the NewlineSpan rules used by
+    ``newline_span_starts`` (the paper leaves them open; defaults 8 / 256 / 64).
+    """
+
+    granularity: str = "block"
+    block_size: int = 64
+    statistic: str = "signed_mean"
+    gate_fn: str = "exp"
+    tau: float = 1.0
+    threshold: Optional[float] = None
+    normalize: bool = True
+    span_min_len: int = 8
+    span_max_len: int = 256
+    span_fallback_block: int = 64
+
+    def __post_init__(self):
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("statistic", self.statistic, STATISTICS)
+        _check_choice("gate_fn", self.gate_fn, GATE_FNS)
+        if self.block_size < 1:
+            raise ValueError(f"GateConfig.block_size must be >= 1, got {self.block_size}")
+        if self.tau < 0:
+            raise ValueError(f"GateConfig.tau must be >= 0, got {self.tau}")
+        if self.gate_fn == "hard" and (self.threshold is None or self.threshold < 0):
+            raise ValueError(f"GateConfig.gate_fn='hard' needs a threshold >= 0, got {self.threshold}")
+        if not 1 <= self.span_min_len <= self.span_max_len:
+            raise ValueError(f"GateConfig needs 1 <= span_min_len <= span_max_len, got "
+                             f"{self.span_min_len}, {self.span_max_len}")
+        if self.span_fallback_block < 1:
+            raise ValueError(f"GateConfig.span_fallback_block must be >= 1, got {self.span_fallback_block}")
+
+    @property
+    def segment_block_size(self) -> Optional[int]:
+        """Fixed block length of the granularity, or None for spans (and for "none")."""
+        return {"token": 1, "block": self.block_size}.get(self.granularity)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"GateConfig.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class SequenceLayout:
+    """Where each sequence's response lives in the flat position array of a batch.
+
+    ``starts``/``ends`` [num_seqs] int64: flat index of the first response position and one past the last.
+    ``shape``: the caller's tensor shape, ``[b, s]`` padded or ``[n]`` packed, for error messages.
+    """
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+    seq_offsets: torch.Tensor
+    shape: tuple
+
+    def describe(self, flat_index: int) -> str:
+        """'position (sequence i, offset j)' of a flat index, in the caller's terms."""
+        seq = int(torch.searchsorted(self.seq_offsets, torch.tensor(flat_index), right=True)) - 1
+        offset = flat_index - int(self.seq_offsets[seq])
+        if len(self.shape) == 2:
+            return f"[{seq}, {offset}]"
+        return f"{flat_index} (sequence {seq}, offset {offset})"
+
+
+def sequence_layout(shape: Sequence[int], device, cu_seqlens=None, response_starts=None) -> SequenceLayout:
+    """Layout of padded ``[b, s]`` (each row a sequence) or packed ``[n]`` inputs (THD, ``cu_seqlens``)."""
+    shape = tuple(shape)
+    if len(shape) == 2:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for packed [n] inputs; got padded inputs of shape " f"{list(shape)}")
+        b, s = shape
+        seq_offsets = torch.arange(b + 1, device=device, dtype=torch.int64) * s
+    elif len(shape) == 1:
+        n = shape[0]
+        if cu_seqlens is None:
+            seq_offsets = torch.tensor([0, n], device=device, dtype=torch.int64)
+        else:
+            seq_offsets = cu_seqlens.to(device=device, dtype=torch.int64)
+            if seq_offsets.dim() != 1 or seq_offsets.numel() < 1 or int(seq_offsets[0]) != 0 \
+                    or int(seq_offsets[-1]) != n or bool((seq_offsets.diff() < 0).any()):
+                raise ValueError(f"cu_seqlens must be non-decreasing from 0 to the token count {n}, "
+                                 f"got {cu_seqlens.tolist()}")
+    else:
+        raise ValueError(f"log-probs must be padded [b, s] or packed [n], got shape {list(shape)}")
+    lengths = seq_offsets.diff()
+    if response_starts is None:
+        rel = torch.zeros_like(lengths)
+    else:
+        rel = torch.as_tensor(response_starts, device=device).to(torch.int64).reshape(-1)
+        if rel.numel() != lengths.numel():
+            raise ValueError(f"response_starts has {rel.numel()} entries for {lengths.numel()} sequences")
+        if bool(((rel < 0) | (rel > lengths)).any()):
+            raise ValueError(f"response_starts {rel.tolist()} must lie within the sequence lengths "
+                             f"{lengths.tolist()}")
+    return SequenceLayout(seq_offsets[:-1] + rel, seq_offsets[1:], seq_offsets, shape)
+
+
+def segment_bounds(layout: SequenceLayout, config: GateConfig, span_starts=None):
+    """Segments of every response as flat ``(seg_start, seg_end)`` [P] int64, sorted and non-overlapping.
+
+    Blocks: ``ceil(L_i / B)`` blocks per response of length L_i, the last one cut at the response end.
+    Spans: a segment starts at each response start and at each marked position inside a response.
+    Sequences with an empty response contribute no segment.
+    """
+    starts, ends = layout.starts, layout.ends
+    lengths = (ends - starts).clamp(min=0)
+    if config.granularity in ("block", "token", "sequence"):
+        block = config.segment_block_size
+        if block is None:  # "sequence": one block as long as the longest response
+            block = max(int(lengths.max()) if lengths.numel() else 1, 1)
+        counts = (lengths + block - 1) // block
+        seq_of_seg = torch.repeat_interleave(torch.arange(counts.numel(), device=starts.device), counts)
+        first_seg = torch.cumsum(counts, 0) - counts
+        index_in_seq = torch.arange(seq_of_seg.numel(), device=starts.device) - first_seg[seq_of_seg]
+        seg_start = starts[seq_of_seg] + block * index_in_seq
+        return seg_start, torch.minimum(seg_start + block, ends[seq_of_seg])
+    if config.granularity == "span":
+        if span_starts is None:
+            raise ValueError("granularity 'span' needs span_starts (see newline_span_starts)")
+        marks = span_starts.reshape(-1).to(torch.bool).clone()
+        if marks.numel() != int(layout.seq_offsets[-1]):
+            raise ValueError(f"span_starts has shape {list(span_starts.shape)}, log-probs {list(layout.shape)}")
+        n = marks.numel()
+        pos = torch.arange(n, device=marks.device)
+        seq_of_pos = torch.repeat_interleave(torch.arange(starts.numel(), device=marks.device),
+                                             layout.seq_offsets.diff(), output_size=n)
+        marks &= pos >= starts[seq_of_pos]  # prompt positions never start a segment
+        nonempty = lengths > 0
+        marks[starts[nonempty]] = True
+        seg_start = marks.nonzero().reshape(-1)
+        next_start = torch.cat([seg_start[1:], seg_start.new_tensor([n])])
+        return seg_start, torch.minimum(next_start, ends[seq_of_pos[seg_start]])
+    raise ValueError(f"granularity {config.granularity!r} has no segments")
+
+
+def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, loss_mask: torch.Tensor,
+                config: GateConfig = GateConfig(), *, cu_seqlens=None, response_starts=None, span_starts=None):
+    """Detached, mean-normalized drift gates for every position: ``(gates, stats)``.
+
+    cur_logprobs, old_logprobs: ``[b, s]`` padded or ``[n]`` packed with ``cu_seqlens`` ``[num_seqs + 1]``, any
+    float dtype. loss_mask: same shape, bool or 0/1. Returns ``gates`` float32 of the input shape (no grad, mean 1
+    over valid response positions when ``config.normalize``) and ``stats``: per-segment tensors
+    (``segment_start``, ``segment_end``, ``segment_drift`` D_s, ``segment_count``, ``segment_gate``) and 0-d
+    summary tensors for logging (``gate_mean/min/max/std`` over valid positions, ``drift_mean``,
+    ``drift_abs_mean`` (token-level), ``segment_drift_abs_mean``, ``frac_gate_below_half`` over segments with a
+    valid position). A NaN/inf log-prob at a valid response position raises ValueError naming it.
+    """
+    if cur_logprobs.shape != old_logprobs.shape or loss_mask.shape != cur_logprobs.shape:
+        raise ValueError(f"shapes differ: cur_logprobs {list(cur_logprobs.shape)}, old_logprobs "
+                         f"{list(old_logprobs.shape)}, loss_mask {list(loss_mask.shape)}")
+    if not (cur_logprobs.is_floating_point() and old_logprobs.is_floating_point()):
+        raise ValueError(f"log-probs must be floating point, got {cur_logprobs.dtype} and {old_logprobs.dtype}")
+    if span_starts is not None and span_starts.shape != cur_logprobs.shape:
+        raise ValueError(f"span_starts has shape {list(span_starts.shape)}, log-probs {list(cur_logprobs.shape)}")
+    device = cur_logprobs.device
+    layout = sequence_layout(cur_logprobs.shape, device, cu_seqlens, response_starts)
+    cur = cur_logprobs.detach().reshape(-1)
+    old = old_logprobs.detach().reshape(-1)
+    mask = (loss_mask.reshape(-1) != 0)
+    if config.granularity == "none":
+        return _ungated(cur, old, mask, layout, cur_logprobs.shape)
+    seg_start, seg_end = segment_bounds(layout, config, span_starts)
+    gates, seg_stat, seg_count, seg_gate, first_bad = ops.block_drift_gates(
+        cur, old, mask, seg_start, seg_end, config.statistic, config.gate_fn, config.tau,
+        config.threshold if config.threshold is not None else 0.0, config.normalize)
+    _raise_if_bad(first_bad, layout)
+    stats = dict(segment_start=seg_start, segment_end=seg_end, segment_drift=seg_stat, segment_count=seg_count,
+                 segment_gate=seg_gate)
+    stats.update(summarize(cur, old, mask, seg_stat, seg_count, seg_gate))
+    return gates.reshape(cur_logprobs.shape), stats
+
+
+def _raise_if_bad(first_bad: torch.Tensor, layout: SequenceLayout) -> None:
+    bad = int(first_bad)
+    if bad >= 0:
+        raise ValueError(f"non-finite log-prob at valid position {layout.describe(bad)} of the log-probs of shape "
+                         f"{list(layout.shape)}: mask that position or fix the log-probs")
+
+
+def _ungated(cur, old, mask, layout, shape):
+    """Granularity "none": gates of 1, statistics still reported (one segment per response)."""
+    config = GateConfig(granularity="sequence", normalize=False)
+    seg_start, seg_end = segment_bounds(layout, config)
+    seg_sum, seg_count, first_bad = ops.segment_drift_stats(cur, old, mask, seg_start, seg_end, "signed_mean")
+    _raise_if_bad(first_bad, layout)
+    seg_stat = seg_sum / seg_count.clamp(min=1)
+    ones = torch.ones_like(seg_stat)
+    stats = dict(segment_start=seg_start, segment_end=seg_end, segment_drift=seg_stat, segment_count=seg_count,
+                 segment_gate=ones)
+    stats.update(summarize(cur, old, mask, seg_stat, seg_count, ones))
+    return torch.ones(shape, dtype=torch.float32, device=cur.device), stats
+
+
+@torch.no_grad()
+def summarize(cur, old, mask, seg_stat, seg_count, seg_gate) -> dict:
+    """Summary numbers for logging, as 0-d float32 tensors (no host sync); see ``drift_gates``."""
+    valid = seg_count > 0
+    total = seg_count.sum()
+    denom = total.clamp(min=1)
+    drift = torch.where(mask, cur.float() - old.float(), 0.0)
+    gate_mean = (seg_gate * seg_count).sum() / denom
+    gate_var = (seg_count * (seg_gate - gate_mean) ** 2).sum() / denom
+    one = torch.ones((), device=seg_gate.device)
+    return dict(
+        gate_mean=torch.where(total > 0, gate_mean, one),
+        gate_std=gate_var.sqrt(),
+        gate_min=torch.where(valid, seg_gate, float("inf")).min() if valid.any() else one,
+        gate_max=torch.where(valid, seg_gate, float("-inf")).max() if valid.any() else one,
+        drift_mean=drift.sum() / denom,
+        drift_abs_mean=drift.abs().sum() / denom,
+        segment_drift_abs_mean=(seg_stat.abs() * seg_count).sum() / denom,
+        frac_gate_below_half=((seg_gate < 0.5) & valid).sum() / valid.sum().clamp(min=1),
+    )
+
+
+def newline_span_starts(token_ids: torch.Tensor, newline_token_ids, *, min_len: int = 8, max_len: int = 256,
+                        fallback_block: int = 64, cu_seqlens=None, response_starts=None) -> torch.Tensor:
+    """Mark the first position of each NewlineSpan: bool of ``token_ids``' shape (``[b, s]`` or packed ``[n]``).
+
+    Rules (method.md): a new span starts after each token that contains a newline (``newline_token_ids``: the
+    vocabulary ids whose text contains "\\n"); spans shorter than ``min_len`` are merged into the next span (the
+    last span of a response merges into the previous one); spans longer than ``max_len`` are split into pieces of
+    ``max_len``; a response with no newline at all is cut into fixed blocks of ``fallback_block``. Positions are
+    counted from each sequence's response start; the response start itself is always a span start.
+    """
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    layout = sequence_layout(token_ids.shape, token_ids.device, cu_seqlens, response_starts)
+    flat = token_ids.reshape(-1)
+    newline = torch.isin(flat, torch.as_tensor(list(newline_token_ids), dtype=flat.dtype, device=flat.device))
+    marks = torch.zeros(flat.numel(), dtype=torch.bool)
+    newline = newline.cpu()
+    for start, end in zip(layout.starts.tolist(), layout.ends.tolist()):
+        if end > start:
+            for offset in _span_offsets(newline[start:end], min_len, max_len, fallback_block):
+                marks[start + offset] = True
+    return marks.to(token_ids.device).reshape(token_ids.shape)
+
+
+def _span_offsets(newline: torch.Tensor, min_len: int, max_len: int, fallback_block: int) -> list:
+    """Span start offsets of one response given which of its tokens contain a newline."""
+    length = newline.numel()
+    breaks = (newline[:-1].nonzero().reshape(-1) + 1).tolist()  # a span starts right after a newline token
+    if not newline.any():
+        return list(range(0, length, fallback_block))
+    bounds = [0] + breaks + [length]
+    spans = [[a, b] for a, b in zip(bounds[:-1], bounds[1:])]
+    merged = []  # short spans merge into the next one; a short last span merges into the previous one
+    for span in spans:
+        if merged and merged[-1][1] - merged[-1][0] < min_len:
+            merged[-1][1] = span[1]
+        else:
+            merged.append(span)
+    if len(merged) > 1 and merged[-1][1] - merged[-1][0] < min_len:
+        merged[-2][1] = merged.pop()[1]
+    return [a + k for a, b in merged for k in range(0, b - a, max_len)]
