@@ -284,5 +284,6 @@ def _span_offsets(newline: torch.Tensor, min_len: int, max_len: int, fallback_bl
         else:
             merged.append(span)
     if len(merged) > 1 and merged[-1][1] - merged[-1][0] < min_len:
-        merged[-2][1] = merged.pop()[1]
+        last = merged.pop()
+        merged[-1][1] = last[1]
     return [a + k for a, b in merged for k in range(0, b - a, max_len)]

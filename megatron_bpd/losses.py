@@ -28,6 +28,11 @@ def _check_finite(name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
         raise ValueError(f"non-finite {name} at valid position {list(index)} (shape {list(values.shape)})")
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Compute in float32, or float64 when the input is float64 (bf16/fp16 inputs are upcast)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def gated_mean(per_position: torch.Tensor, loss_mask: torch.Tensor, gates: Optional[torch.Tensor] = None,
                num_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sum(m * stopgrad(g) * l) / (N + eps); masked positions contribute exactly 0 (even if l is NaN there)."""
@@ -54,12 +59,12 @@ def sampled_token_opd_loss(cur_logprobs: torch.Tensor, old_logprobs: torch.Tenso
     _check_same_shape(cur_logprobs=cur_logprobs, old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs,
                       loss_mask=loss_mask)
     mask = loss_mask != 0
-    old = old_logprobs.detach().float()
-    teacher = teacher_logprobs.detach().float()
+    old = _upcast(old_logprobs.detach())
+    teacher = _upcast(teacher_logprobs.detach())
     for name, values in (("cur_logprobs", cur_logprobs), ("old_logprobs", old), ("teacher_logprobs", teacher)):
         _check_finite(name, values, mask)
     eps_low, eps_high = clip_eps
-    log_ratio = torch.where(mask, cur_logprobs.float() - old, 0.0)
+    log_ratio = torch.where(mask, _upcast(cur_logprobs) - old, 0.0)
     ratio = torch.exp(log_ratio)
     advantage = torch.where(mask, teacher - old, 0.0).clamp(-adv_clip, adv_clip)
     unclipped = ratio * advantage
@@ -101,11 +106,12 @@ def topk_lsm_loss(student_logits_at_support: torch.Tensor, teacher_logprobs_at_s
         raise ValueError(f"support_mask has shape {list(support_mask.shape)}, support "
                          f"{list(student_logits_at_support.shape)}")
     entry_mask = support_mask & mask.unsqueeze(-1)
-    teacher = teacher_logprobs_at_support.detach().float()
+    teacher = _upcast(teacher_logprobs_at_support.detach())
     _check_finite("teacher_logprobs_at_support", teacher, entry_mask)
     _check_finite("student_logits_at_support", student_logits_at_support.detach(), entry_mask)
-    neg_inf = torch.finfo(torch.float32).min
-    student_logp = torch.log_softmax(torch.where(support_mask, student_logits_at_support.float(), neg_inf), -1)
+    student = _upcast(student_logits_at_support)
+    neg_inf = torch.finfo(student.dtype).min
+    student_logp = torch.log_softmax(torch.where(support_mask, student, neg_inf), -1)
     teacher_logp = torch.log_softmax(torch.where(support_mask, teacher, neg_inf), -1)
     log_ratio = (student_logp - teacher_logp).clamp(-log_ratio_clip, log_ratio_clip)
     per_entry = torch.where(entry_mask, student_logp.exp() * log_ratio, 0.0)
