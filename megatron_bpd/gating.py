@@ -24,12 +24,16 @@ from . import ops
 GRANULARITIES = ("none", "token", "block", "span", "sequence")
 STATISTICS = ("signed_mean", "abs_mean", "rms")
 GATE_FNS = ("exp", "hard")
+SCOPES = ("sequence", "micro-batch", "global")
 
 
 @dataclass
 class GateConfig:
     """How drift is aggregated into gates. Defaults follow the paper's Block64 variant.
 
+    ``scope`` is where the gates are mean-normalized (the paper leaves it open): each "sequence", the
+    "micro-batch" of one call (default), or the "global" optimizer-step batch across micro-batches and
+    data-parallel ranks (needs the normalizer terms of every micro-batch first: ``normalizer=`` of ``drift_gates``).
     ``span_min_len``/``span_max_len``/``span_fallback_block`` are the NewlineSpan rules used by
     ``newline_span_starts`` (the paper leaves them open; defaults 8 / 256 / 64).
     """
@@ -41,6 +45,7 @@ class GateConfig:
     tau: float = 1.0
     threshold: Optional[float] = None
     normalize: bool = True
+    scope: str = "micro-batch"
     span_min_len: int = 8
     span_max_len: int = 256
     span_fallback_block: int = 64
@@ -49,6 +54,7 @@ class GateConfig:
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("statistic", self.statistic, STATISTICS)
         _check_choice("gate_fn", self.gate_fn, GATE_FNS)
+        _check_choice("scope", self.scope, SCOPES)
         if self.block_size < 1:
             raise ValueError(f"GateConfig.block_size must be >= 1, got {self.block_size}")
         if self.tau < 0:
@@ -165,81 +171,201 @@ def segment_bounds(layout: SequenceLayout, config: GateConfig, span_starts=None)
     raise ValueError(f"granularity {config.granularity!r} has no segments")
 
 
+@dataclass
+class SegmentPlan:
+    """The segments of one micro-batch, planned on its full (unsplit) sequences.
+
+    ``segment_ids`` (the input's shape, int64): the segment of each position, -1 where ungated (prompt).
+    ``sequence_of_segment`` [S]: the sequence each segment belongs to. Under context parallelism every rank
+    takes its share of ``segment_ids`` with the same split as the tokens (``megatron_bpd.parallel``).
+    """
+
+    segment_ids: torch.Tensor
+    sequence_of_segment: torch.Tensor
+    num_sequences: int
+
+    @property
+    def num_segments(self) -> int:
+        return self.sequence_of_segment.numel()
+
+
+def plan_segments(shape, config: GateConfig, *, device="cpu", cu_seqlens=None, response_starts=None,
+                  span_starts=None) -> SegmentPlan:
+    """Plan the segments of padded ``[b, s]`` or packed ``[n]`` sequences (granularity "none": whole responses,
+    for statistics)."""
+    layout = sequence_layout(shape, device, cu_seqlens, response_starts)
+    planned = config if config.granularity != "none" else GateConfig(granularity="sequence")
+    seg_start, seg_end = segment_bounds(layout, planned, span_starts)
+    ids = torch.full((int(layout.seq_offsets[-1]),), -1, dtype=torch.int64, device=device)
+    pos, seg = ops.segment_positions(seg_start, seg_end)
+    ids[pos] = seg
+    sequence_of_segment = torch.searchsorted(layout.seq_offsets, seg_start, right=True) - 1
+    return SegmentPlan(ids.reshape(tuple(shape)), sequence_of_segment, layout.starts.numel())
+
+
 def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, loss_mask: torch.Tensor,
-                config: GateConfig = GateConfig(), *, cu_seqlens=None, response_starts=None, span_starts=None):
+                config: GateConfig = GateConfig(), *, cu_seqlens=None, response_starts=None, span_starts=None,
+                normalizer=None):
     """Detached, mean-normalized drift gates for every position: ``(gates, stats)``.
 
     cur_logprobs, old_logprobs: ``[b, s]`` padded or ``[n]`` packed with ``cu_seqlens`` ``[num_seqs + 1]``, any
-    float dtype. loss_mask: same shape, bool or 0/1. Returns ``gates`` float32 of the input shape (no grad, mean 1
-    over valid response positions when ``config.normalize``) and ``stats``: per-segment tensors
-    (``segment_start``, ``segment_end``, ``segment_drift`` D_s, ``segment_count``, ``segment_gate``) and 0-d
-    summary tensors for logging (``gate_mean/min/max/std`` over valid positions, ``drift_mean``,
-    ``drift_abs_mean`` (token-level), ``segment_drift_abs_mean``, ``frac_gate_below_half`` over segments with a
-    valid position). A NaN/inf log-prob at a valid response position raises ValueError naming it.
+    float dtype. loss_mask: same shape, bool or 0/1. Returns ``gates`` float32 of the input shape (no grad; with
+    ``config.normalize`` they average 1 over the valid positions of each normalization scope) and ``stats``:
+    per-segment tensors (``segment_drift`` D_s, ``segment_count``, ``segment_gate``), ``normalizer_terms`` [2]
+    (valid count, raw-gate-weighted count: summed over a whole batch they are the ``normalizer`` of scope
+    "global") and 0-d summary tensors for logging (``gate_mean/min/max/std`` over valid positions,
+    ``drift_mean``, ``drift_abs_mean`` (token level), ``segment_drift_abs_mean``, ``frac_gate_below_half`` of the
+    segments with a valid position). A NaN/inf log-prob at a valid response position raises ValueError naming it.
     """
-    if cur_logprobs.shape != old_logprobs.shape or loss_mask.shape != cur_logprobs.shape:
-        raise ValueError(f"shapes differ: cur_logprobs {list(cur_logprobs.shape)}, old_logprobs "
-                         f"{list(old_logprobs.shape)}, loss_mask {list(loss_mask.shape)}")
-    if not (cur_logprobs.is_floating_point() and old_logprobs.is_floating_point()):
-        raise ValueError(f"log-probs must be floating point, got {cur_logprobs.dtype} and {old_logprobs.dtype}")
-    if span_starts is not None and span_starts.shape != cur_logprobs.shape:
-        raise ValueError(f"span_starts has shape {list(span_starts.shape)}, log-probs {list(cur_logprobs.shape)}")
-    device = cur_logprobs.device
-    layout = sequence_layout(cur_logprobs.shape, device, cu_seqlens, response_starts)
-    cur = cur_logprobs.detach().reshape(-1)
-    old = old_logprobs.detach().reshape(-1)
-    mask = (loss_mask.reshape(-1) != 0)
-    if config.granularity == "none":
-        return _ungated(cur, old, mask, layout, cur_logprobs.shape)
+    _check_inputs(cur_logprobs, old_logprobs, loss_mask, span_starts)
+    if config.granularity == "none" or config.scope != "micro-batch" or normalizer is not None:
+        plan = plan_segments(cur_logprobs.shape, config, device=cur_logprobs.device, cu_seqlens=cu_seqlens,
+                             response_starts=response_starts, span_starts=span_starts)
+        return gates_for_segments(cur_logprobs, old_logprobs, loss_mask, plan.segment_ids, plan, config,
+                                  normalizer=normalizer)
+    # One micro-batch normalized on its own: the fused kernel does reduction, gate and normalization in one op.
+    layout = sequence_layout(cur_logprobs.shape, cur_logprobs.device, cu_seqlens, response_starts)
     seg_start, seg_end = segment_bounds(layout, config, span_starts)
+    cur, old, mask = _flat(cur_logprobs, old_logprobs, loss_mask)
     gates, seg_stat, seg_count, seg_gate, first_bad = ops.block_drift_gates(
-        cur, old, mask, seg_start, seg_end, config.statistic, config.gate_fn, config.tau,
-        config.threshold if config.threshold is not None else 0.0, config.normalize)
-    _raise_if_bad(first_bad, layout)
-    stats = dict(segment_start=seg_start, segment_end=seg_end, segment_drift=seg_stat, segment_count=seg_count,
-                 segment_gate=seg_gate)
-    stats.update(summarize(cur, old, mask, seg_stat, seg_count, seg_gate))
+        cur, old, mask, seg_start, seg_end, config.statistic, config.gate_fn, config.tau, _threshold(config),
+        config.normalize)
+    _raise_if_bad(first_bad, layout.describe, layout.shape)
+    raw = seg_gate / ops.normalization_scale(seg_count.sum(), (seg_gate * seg_count).sum()) \
+        if config.normalize else seg_gate
+    stats = _stats(seg_stat, seg_count, seg_gate, raw, _drift_sums(cur, old, mask))
     return gates.reshape(cur_logprobs.shape), stats
 
 
-def _raise_if_bad(first_bad: torch.Tensor, layout: SequenceLayout) -> None:
+def gates_for_segments(cur_logprobs, old_logprobs, loss_mask, segment_ids, plan: SegmentPlan, config: GateConfig,
+                       *, reduce=None, normalizer=None):
+    """Gates for this process's positions of a planned micro-batch: ``(gates, stats)`` as in ``drift_gates``.
+
+    ``segment_ids`` are this process's entries of ``plan.segment_ids`` in the layout of ``cur_logprobs`` (all of
+    them, or a context-parallel rank's share). The per-segment sums and counts are combined by ``reduce`` (an
+    in-place sum of a float32 tensor over the processes that share the micro-batch's sequences, e.g. an all-reduce
+    over the CP group) before the gate is taken, so every position gets the gate of its unsplit sequence.
+    ``normalizer`` (scope "global"): [2] = (valid count, raw-gate-weighted count) summed over the optimizer-step
+    batch, from ``stats["normalizer_terms"]`` of a pass with ``normalize=False``.
+    """
+    _check_inputs(cur_logprobs, old_logprobs, loss_mask)
+    if segment_ids.shape != cur_logprobs.shape:
+        raise ValueError(f"segment_ids has shape {list(segment_ids.shape)}, log-probs {list(cur_logprobs.shape)}")
+    cur, old, mask = _flat(cur_logprobs, old_logprobs, loss_mask)
+    run_start, run_end, run_id = _runs(segment_ids.reshape(-1).to(cur.device, torch.int64))
+    run_sum, run_count, first_bad = ops.segment_drift_stats(cur, old, mask, run_start, run_end, config.statistic)
+    num = plan.num_segments
+    packet = torch.cat([
+        torch.zeros(num, device=cur.device).index_add_(0, run_id, run_sum),
+        torch.zeros(num, device=cur.device).index_add_(0, run_id, run_count),
+        _drift_sums(cur, old, mask), (first_bad >= 0).float().reshape(1)])
+    if reduce is not None:
+        reduce(packet)
+    seg_sum, seg_count, drift_sums, any_bad = packet[:num], packet[num:2 * num], packet[2 * num:-1], packet[-1]
+    if bool(any_bad > 0):
+        shape = tuple(cur_logprobs.shape)
+        _raise_if_bad(first_bad, lambda t: str(list(_unravel(t, shape))) if len(shape) > 1 else str(t), shape)
+        raise ValueError("non-finite log-prob at a valid position on another process of the reduction group")
+    seg_stat, raw = ops.segment_gates(seg_sum, seg_count, config.statistic, config.gate_fn, config.tau,
+                                      _threshold(config))
+    if config.granularity == "none":
+        raw = torch.ones_like(raw)
+    seg_gate = _normalize(raw, seg_count, config, plan, normalizer)
+    gates = ops.segment_broadcast(seg_gate[run_id], run_start, run_end, cur.numel())
+    return gates.reshape(cur_logprobs.shape), _stats(seg_stat, seg_count, seg_gate, raw, drift_sums)
+
+
+def _check_inputs(cur, old, mask, span_starts=None):
+    if cur.shape != old.shape or mask.shape != cur.shape:
+        raise ValueError(f"shapes differ: cur_logprobs {list(cur.shape)}, old_logprobs {list(old.shape)}, "
+                         f"loss_mask {list(mask.shape)}")
+    if not (cur.is_floating_point() and old.is_floating_point()):
+        raise ValueError(f"log-probs must be floating point, got {cur.dtype} and {old.dtype}")
+    if span_starts is not None and span_starts.shape != cur.shape:
+        raise ValueError(f"span_starts has shape {list(span_starts.shape)}, log-probs {list(cur.shape)}")
+
+
+def _flat(cur, old, mask):
+    return cur.detach().reshape(-1), old.detach().reshape(-1), mask.reshape(-1) != 0
+
+
+def _threshold(config: GateConfig) -> float:
+    return config.threshold if config.threshold is not None else 0.0
+
+
+def _unravel(index: int, shape) -> tuple:
+    out = []
+    for size in reversed(shape):
+        index, rem = divmod(index, size)
+        out.append(rem)
+    return tuple(reversed(out))
+
+
+def _runs(segment_ids: torch.Tensor):
+    """Maximal runs of equal non-negative ids in a flat [n] array: (run_start, run_end, run_id), each [R]."""
+    n = segment_ids.numel()
+    change = torch.ones(n, dtype=torch.bool, device=segment_ids.device)
+    change[1:] = segment_ids[1:] != segment_ids[:-1]
+    bounds = change.nonzero().reshape(-1)
+    ends = torch.cat([bounds[1:], bounds.new_tensor([n])])
+    keep = segment_ids[bounds] >= 0
+    return bounds[keep], ends[keep], segment_ids[bounds[keep]]
+
+
+def _normalize(raw, count, config: GateConfig, plan: SegmentPlan, normalizer):
+    """Normalized gates [S] for the configured scope (see GateConfig.scope)."""
+    if not config.normalize:
+        return raw
+    if config.scope == "global":
+        if normalizer is None:
+            raise ValueError("scope 'global' needs normalizer=: the normalizer_terms of every micro-batch of the "
+                             "optimizer step, summed (and all-reduced over data-parallel ranks)")
+        return raw * ops.normalization_scale(normalizer[0], normalizer[1]).to(raw.device)
+    if config.scope == "sequence":
+        group = plan.sequence_of_segment.to(raw.device)
+        total = torch.zeros(plan.num_sequences, device=raw.device, dtype=torch.float64)
+        weighted = torch.zeros_like(total)
+        total.index_add_(0, group, count.double())
+        weighted.index_add_(0, group, (raw * count).double())
+        return raw * ops.normalization_scale(total, weighted)[group]
+    return raw * ops.normalization_scale(count.double().sum(), (raw.double() * count).sum())
+
+
+def _raise_if_bad(first_bad: torch.Tensor, describe, shape) -> None:
     bad = int(first_bad)
     if bad >= 0:
-        raise ValueError(f"non-finite log-prob at valid position {layout.describe(bad)} of the log-probs of shape "
-                         f"{list(layout.shape)}: mask that position or fix the log-probs")
+        raise ValueError(f"non-finite log-prob at valid position {describe(bad)} of the log-probs of shape "
+                         f"{list(shape)}: mask that position or fix the log-probs")
 
 
-def _ungated(cur, old, mask, layout, shape):
-    """Granularity "none": gates of 1, statistics still reported (one segment per response)."""
-    config = GateConfig(granularity="sequence", normalize=False)
-    seg_start, seg_end = segment_bounds(layout, config)
-    seg_sum, seg_count, first_bad = ops.segment_drift_stats(cur, old, mask, seg_start, seg_end, "signed_mean")
-    _raise_if_bad(first_bad, layout)
-    seg_stat = seg_sum / seg_count.clamp(min=1)
-    ones = torch.ones_like(seg_stat)
-    stats = dict(segment_start=seg_start, segment_end=seg_end, segment_drift=seg_stat, segment_count=seg_count,
-                 segment_gate=ones)
-    stats.update(summarize(cur, old, mask, seg_stat, seg_count, ones))
-    return torch.ones(shape, dtype=torch.float32, device=cur.device), stats
+def _drift_sums(cur, old, mask) -> torch.Tensor:
+    """[3] float32: (sum of d_t, sum of |d_t|, count) over valid positions, for the token-level summaries."""
+    drift = torch.where(mask, cur.float() - old.float(), 0.0)
+    return torch.stack([drift.sum(), drift.abs().sum(), mask.sum().float()])
+
+
+def _with_sentinel(values, keep, fill):
+    """values where keep, else fill, plus one trailing fill: safe to reduce when empty."""
+    return torch.cat([torch.where(keep, values, fill), values.new_full((1,), fill)])
 
 
 @torch.no_grad()
-def summarize(cur, old, mask, seg_stat, seg_count, seg_gate) -> dict:
-    """Summary numbers for logging, as 0-d float32 tensors (no host sync); see ``drift_gates``."""
+def _stats(seg_stat, seg_count, seg_gate, raw_gate, drift_sums) -> dict:
+    """Per-segment tensors and 0-d summaries for logging (no host sync); see ``drift_gates``."""
     valid = seg_count > 0
-    total = seg_count.sum()
-    denom = total.clamp(min=1)
-    drift = torch.where(mask, cur.float() - old.float(), 0.0)
+    denom = seg_count.sum().clamp(min=1)
     gate_mean = (seg_gate * seg_count).sum() / denom
-    gate_var = (seg_count * (seg_gate - gate_mean) ** 2).sum() / denom
     one = torch.ones((), device=seg_gate.device)
+    any_valid = valid.any()
     return dict(
-        gate_mean=torch.where(total > 0, gate_mean, one),
-        gate_std=gate_var.sqrt(),
-        gate_min=torch.where(valid, seg_gate, float("inf")).min() if valid.any() else one,
-        gate_max=torch.where(valid, seg_gate, float("-inf")).max() if valid.any() else one,
-        drift_mean=drift.sum() / denom,
-        drift_abs_mean=drift.abs().sum() / denom,
+        segment_drift=seg_stat, segment_count=seg_count, segment_gate=seg_gate,
+        normalizer_terms=torch.stack([seg_count.sum(), (raw_gate * seg_count).sum()]).double(),
+        gate_mean=torch.where(any_valid, gate_mean, one),
+        gate_std=((seg_count * (seg_gate - gate_mean) ** 2).sum() / denom).sqrt(),
+        gate_min=torch.where(any_valid, _with_sentinel(seg_gate, valid, float("inf")).amin(), one),
+        gate_max=torch.where(any_valid, _with_sentinel(seg_gate, valid, float("-inf")).amax(), one),
+        drift_mean=drift_sums[0] / drift_sums[2].clamp(min=1),
+        drift_abs_mean=drift_sums[1] / drift_sums[2].clamp(min=1),
         segment_drift_abs_mean=(seg_stat.abs() * seg_count).sum() / denom,
         frac_gate_below_half=((seg_gate < 0.5) & valid).sum() / valid.sum().clamp(min=1),
     )

@@ -29,6 +29,7 @@ __all__ = [
     "extension_available", "set_backend", "get_backend", "raise_if_bad",
     "segment_drift_stats", "segment_broadcast", "block_drift_gates",
     "reference_segment_drift_stats", "reference_segment_broadcast", "reference_block_drift_gates",
+    "segment_positions", "segment_gates", "normalization_scale",
 ]
 
 STATISTICS = {"signed_mean": 0, "abs_mean": 1, "rms": 2}
@@ -147,7 +148,7 @@ def block_drift_gates(cur, old, mask, seg_start, seg_end, statistic="signed_mean
 # Reference (pure PyTorch, vectorized)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _covered(seg_start, seg_end):
+def segment_positions(seg_start, seg_end):
     """(positions covered by the segments, in order; the segment of each), both int64 [sum of lengths]."""
     lengths = seg_end - seg_start
     seg_id = torch.repeat_interleave(torch.arange(seg_start.numel(), device=seg_start.device), lengths)
@@ -163,7 +164,7 @@ _TERMS = {"signed_mean": lambda d: d, "abs_mean": torch.abs, "rms": torch.square
 def reference_segment_drift_stats(cur, old, mask, seg_start, seg_end, statistic="signed_mean"):
     """Reference of ``segment_drift_stats``: sum_s = sum_t m_t f(d_t) and count_s = sum_t m_t by index_add_."""
     _code(STATISTICS, statistic, "statistic")
-    pos, seg_id = _covered(seg_start, seg_end)
+    pos, seg_id = segment_positions(seg_start, seg_end)
     c, o, valid = cur[pos].float(), old[pos].float(), mask[pos]
     terms = _TERMS[statistic](torch.where(valid, c - o, 0.0))
     num_segments = seg_start.numel()
@@ -178,25 +179,34 @@ def reference_segment_drift_stats(cur, old, mask, seg_start, seg_end, statistic=
 @torch.no_grad()
 def reference_segment_broadcast(seg_value, seg_start, seg_end, n):
     """Reference of ``segment_broadcast``: ones(n) with seg_value[s] copied onto segment s."""
-    pos, seg_id = _covered(seg_start, seg_end)
+    pos, seg_id = segment_positions(seg_start, seg_end)
     return torch.ones(n, device=seg_value.device).index_copy_(0, pos, seg_value.float()[seg_id])
+
+
+def segment_gates(seg_sum, seg_count, statistic="signed_mean", gate_fn="exp", tau=1.0, threshold=0.0):
+    """Per-segment math from the reductions: (D_s [P], raw gate g_s [P]) float32, as the kernels' header does it."""
+    _code(GATE_FNS, gate_fn, "gate_fn")
+    mean = seg_sum.float() / seg_count.float().clamp(min=1)
+    seg_stat = mean.sqrt() if _code(STATISTICS, statistic, "statistic") == STATISTICS["rms"] else mean
+    drift = seg_stat.abs()
+    return seg_stat, torch.exp(-tau * drift) if gate_fn == "exp" else (drift <= threshold).float()
+
+
+def normalization_scale(total_count, weighted_count):
+    """C / W, elementwise, or 1 where C or W is 0: the factor that makes gates average 1 (float32)."""
+    total, weighted = torch.as_tensor(total_count).double(), torch.as_tensor(weighted_count).double()
+    degenerate = (total == 0) | (weighted == 0)
+    return torch.where(degenerate, 1.0, total / torch.where(degenerate, 1.0, weighted)).float()
 
 
 @torch.no_grad()
 def reference_block_drift_gates(cur, old, mask, seg_start, seg_end, statistic="signed_mean", gate_fn="exp", tau=1.0,
                                 threshold=0.0, normalize=True):
     """Reference of ``block_drift_gates``: stats, D_s, g_s, normalization (in float64), broadcast."""
-    _code(GATE_FNS, gate_fn, "gate_fn")
     seg_sum, seg_count, first_bad = reference_segment_drift_stats(cur, old, mask, seg_start, seg_end, statistic)
-    mean = seg_sum / seg_count.clamp(min=1)
-    seg_stat = mean.sqrt() if statistic == "rms" else mean
-    drift = seg_stat.abs()
-    seg_gate = torch.exp(-tau * drift) if gate_fn == "exp" else (drift <= threshold).float()
+    seg_stat, seg_gate = segment_gates(seg_sum, seg_count, statistic, gate_fn, tau, threshold)
     if normalize:
-        total = seg_count.double().sum()
-        weighted = (seg_gate.double() * seg_count.double()).sum()
-        degenerate = (total == 0) | (weighted == 0)
-        seg_gate = seg_gate * torch.where(degenerate, 1.0, total / torch.where(degenerate, 1.0, weighted)).float()
+        seg_gate = seg_gate * normalization_scale(seg_count.double().sum(), (seg_gate.double() * seg_count).sum())
     gates = reference_segment_broadcast(seg_gate, seg_start, seg_end, cur.numel())
     return gates, seg_stat, seg_count, seg_gate, first_bad
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_bpd import ops
-from megatron_bpd.gating import GateConfig, drift_gates, newline_span_starts
+from megatron_bpd.gating import GateConfig, drift_gates, gates_for_segments, newline_span_starts, plan_segments
 
 
 def reference_gates(cur, old, mask, config, response_starts, span_starts=None):
@@ -35,10 +35,11 @@ def reference_gates(cur, old, mask, config, response_starts, span_starts=None):
             stat = math.sqrt(sum(d * d for d in drifts) / max(1, len(valid)))
         g = math.exp(-config.tau * abs(stat)) if config.gate_fn == "exp" else float(abs(stat) <= config.threshold)
         raw.append((row, positions, valid, g))
-    count = sum(len(v) for _, _, v, _ in raw)
-    weighted = sum(len(v) * g for _, _, v, g in raw)
-    scale = count / weighted if config.normalize and count > 0 and weighted > 0 else 1.0
     for row, positions, _, g in raw:
+        scope = [r for r in raw if config.scope != "sequence" or r[0] == row]  # rows are sequences here
+        count = sum(len(v) for _, _, v, _ in scope)
+        weighted = sum(len(v) * g for _, _, v, g in scope)
+        scale = count / weighted if config.normalize and count > 0 and weighted > 0 else 1.0
         for p in positions:
             gates[row][p] = g * scale
     return gates
@@ -63,11 +64,14 @@ CONFIGS = [
     GateConfig(granularity="block", block_size=5, statistic="abs_mean", tau=2.0),
     GateConfig(granularity="block", block_size=6, statistic="rms", normalize=False),
     GateConfig(granularity="block", block_size=4, gate_fn="hard", threshold=0.3),
+    GateConfig(granularity="block", block_size=8, scope="sequence"),
+    GateConfig(granularity="token", statistic="abs_mean", scope="sequence"),
 ]
 
 
 @pytest.mark.parametrize("backend", ["reference", "extension"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.granularity}{c.block_size}-{c.statistic}-{c.gate_fn}")
+@pytest.mark.parametrize("config", CONFIGS,
+                         ids=lambda c: f"{c.granularity}{c.block_size}-{c.statistic}-{c.gate_fn}-{c.scope}")
 @pytest.mark.parametrize("seed", range(3))
 def test_gates_match_method_formulas(backend, config, seed):
     if backend == "extension" and not ops.extension_available():
@@ -85,6 +89,34 @@ def test_gates_match_method_formulas(backend, config, seed):
         assert gates[mask].mean().item() == pytest.approx(1.0, abs=1e-5)
     for row, start in enumerate(starts.tolist()):
         assert torch.all(gates[row, :start] == 1.0)  # prompt positions are never gated
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: c.granularity)
+def test_planned_segments_equal_the_fused_kernel(config):
+    """The segment-plan path (used under context parallelism) gives the fused op's gates and statistics."""
+    cur, old, mask, starts = random_batch(5)
+    fused, fused_stats = drift_gates(cur, old, mask, config, response_starts=starts)
+    plan = plan_segments(cur.shape, config, response_starts=starts)
+    planned, stats = gates_for_segments(cur, old, mask, plan.segment_ids, plan, config)
+    torch.testing.assert_close(planned, fused)
+    for key in ("segment_drift", "segment_count", "segment_gate", "normalizer_terms", "gate_min", "drift_abs_mean"):
+        torch.testing.assert_close(stats[key], fused_stats[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_global_scope_over_micro_batches_equals_one_call():
+    """Scope "global": the summed normalizer terms of the micro-batches give the whole batch's gates."""
+    cur, old, mask, starts = random_batch(6, b=6)
+    whole, _ = drift_gates(cur, old, mask, GateConfig(block_size=8), response_starts=starts)
+    config = GateConfig(block_size=8, scope="global")
+    micro = [slice(0, 2), slice(2, 3), slice(3, 6)]
+    raw = GateConfig(block_size=8, normalize=False)
+    terms = sum(drift_gates(cur[m], old[m], mask[m], raw, response_starts=starts[m])[1]["normalizer_terms"]
+                for m in micro)
+    parts = [drift_gates(cur[m], old[m], mask[m], config, response_starts=starts[m], normalizer=terms)[0]
+             for m in micro]
+    torch.testing.assert_close(torch.cat(parts), whole)
+    with pytest.raises(ValueError, match="needs normalizer"):
+        drift_gates(cur, old, mask, config)
 
 
 def test_spans_match_method_formulas():
