@@ -231,8 +231,7 @@ def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, loss_mas
         cur, old, mask, seg_start, seg_end, config.statistic, config.gate_fn, config.tau, _threshold(config),
         config.normalize)
     _raise_if_bad(first_bad, layout.describe, layout.shape)
-    raw = seg_gate / ops.normalization_scale(seg_count.sum(), (seg_gate * seg_count).sum()) \
-        if config.normalize else seg_gate
+    raw = ops.raw_gate(seg_stat, config.gate_fn, config.tau, _threshold(config))
     stats = _stats(seg_stat, seg_count, seg_gate, raw, _drift_sums(cur, old, mask))
     return gates.reshape(cur_logprobs.shape), stats
 
@@ -266,8 +265,8 @@ def gates_for_segments(cur_logprobs, old_logprobs, loss_mask, segment_ids, plan:
         shape = tuple(cur_logprobs.shape)
         _raise_if_bad(first_bad, lambda t: str(list(_unravel(t, shape))) if len(shape) > 1 else str(t), shape)
         raise ValueError("non-finite log-prob at a valid position on another process of the reduction group")
-    seg_stat, raw = ops.segment_gates(seg_sum, seg_count, config.statistic, config.gate_fn, config.tau,
-                                      _threshold(config))
+    seg_stat = ops.segment_statistic(seg_sum, seg_count, config.statistic)
+    raw = ops.raw_gate(seg_stat, config.gate_fn, config.tau, _threshold(config))
     if config.granularity == "none":
         raw = torch.ones_like(raw)
     seg_gate = _normalize(raw, seg_count, config, plan, normalizer)

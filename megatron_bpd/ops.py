@@ -29,7 +29,7 @@ __all__ = [
     "extension_available", "set_backend", "get_backend", "raise_if_bad",
     "segment_drift_stats", "segment_broadcast", "block_drift_gates",
     "reference_segment_drift_stats", "reference_segment_broadcast", "reference_block_drift_gates",
-    "segment_positions", "segment_gates", "normalization_scale",
+    "segment_positions", "segment_statistic", "raw_gate", "normalization_scale",
 ]
 
 STATISTICS = {"signed_mean": 0, "abs_mean": 1, "rms": 2}
@@ -183,13 +183,16 @@ def reference_segment_broadcast(seg_value, seg_start, seg_end, n):
     return torch.ones(n, device=seg_value.device).index_copy_(0, pos, seg_value.float()[seg_id])
 
 
-def segment_gates(seg_sum, seg_count, statistic="signed_mean", gate_fn="exp", tau=1.0, threshold=0.0):
-    """Per-segment math from the reductions: (D_s [P], raw gate g_s [P]) float32, as the kernels' header does it."""
-    _code(GATE_FNS, gate_fn, "gate_fn")
+def segment_statistic(seg_sum, seg_count, statistic="signed_mean"):
+    """D_s [P] float32 from the reductions: sum_s / max(1, count_s) (its sqrt for rms), as the kernels' header."""
     mean = seg_sum.float() / seg_count.float().clamp(min=1)
-    seg_stat = mean.sqrt() if _code(STATISTICS, statistic, "statistic") == STATISTICS["rms"] else mean
+    return mean.sqrt() if _code(STATISTICS, statistic, "statistic") == STATISTICS["rms"] else mean
+
+
+def raw_gate(seg_stat, gate_fn="exp", tau=1.0, threshold=0.0):
+    """g_s [P] float32 from D_s: exp(-tau |D_s|) or 1[|D_s| <= threshold], as the kernels' header."""
     drift = seg_stat.abs()
-    return seg_stat, torch.exp(-tau * drift) if gate_fn == "exp" else (drift <= threshold).float()
+    return torch.exp(-tau * drift) if _code(GATE_FNS, gate_fn, "gate_fn") == 0 else (drift <= threshold).float()
 
 
 def normalization_scale(total_count, weighted_count):
@@ -204,7 +207,8 @@ def reference_block_drift_gates(cur, old, mask, seg_start, seg_end, statistic="s
                                 threshold=0.0, normalize=True):
     """Reference of ``block_drift_gates``: stats, D_s, g_s, normalization (in float64), broadcast."""
     seg_sum, seg_count, first_bad = reference_segment_drift_stats(cur, old, mask, seg_start, seg_end, statistic)
-    seg_stat, seg_gate = segment_gates(seg_sum, seg_count, statistic, gate_fn, tau, threshold)
+    seg_stat = segment_statistic(seg_sum, seg_count, statistic)
+    seg_gate = raw_gate(seg_stat, gate_fn, tau, threshold)
     if normalize:
         seg_gate = seg_gate * normalization_scale(seg_count.double().sum(), (seg_gate.double() * seg_count).sum())
     gates = reference_segment_broadcast(seg_gate, seg_start, seg_end, cur.numel())
