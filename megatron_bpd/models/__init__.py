@@ -1,0 +1,1 @@
+"""Model families megatron-bpd trains: builders, weight mapping and checkpoint conversion."""
