@@ -1,0 +1,96 @@
+"""Shared helpers for the rollout/serve tests: a tiny random Qwen3 checkpoint and embedded-server processes on
+127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+VOCAB, EOS = 300, 2
+
+
+def make_tiny_qwen3(path: Path, seed: int = 0) -> Path:
+    """2 layers, hidden 64, 4 heads / 2 KV heads of 16, vocab 300; saved with save_pretrained (no tokenizer)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():  # sharper distributions than the default init, so sampling tests have signal
+        model.lm_head.weight.mul_(15.0)
+    model.save_pretrained(path)
+    return path
+
+
+def load_reference(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m megatron_bpd.serve`` on 127.0.0.1:<free port>; ``start()`` returns once /health is 200."""
+
+    def __init__(self, model: Path, log_dir: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(log_dir) / f"server-{self.port}.log"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep
+                   + os.environ.get("PYTHONPATH", ""))
+        cmd = [sys.executable, "-m", "megatron_bpd.serve", "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
+
+    def wait_healthy(self, timeout: float = 120.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server on {self.url} not healthy after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_servers(model: Path, log_dir: Path, count: int, *extra: str) -> list[ServerProcess]:
+    """Start ``count`` servers in parallel (imports dominate start-up) and wait for all."""
+    servers = [ServerProcess(model, log_dir, *extra) for _ in range(count)]
+    try:
+        return [s.wait_healthy() for s in servers]
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
