@@ -51,7 +51,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"server-{self.port}.log"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep
+        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep
                    + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, "-m", "megatron_bpd.serve", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning", *extra]
@@ -94,3 +94,11 @@ def start_servers(model: Path, log_dir: Path, count: int, *extra: str) -> list[S
         for s in servers:
             s.stop()
         raise
+
+
+def num_finished(url: str) -> int:
+    """Sequences a server has finished so far (from /server_info)."""
+    import json
+
+    with urllib.request.urlopen(f"{url}/server_info", timeout=10) as r:
+        return json.loads(r.read())["internal_states"][0]["num_finished"]

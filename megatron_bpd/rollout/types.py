@@ -156,7 +156,7 @@ class TeacherScores:
                 raise ValueError(f"trajectory {b}: {self.token_logprobs[b].shape[0]} teacher scores for "
                                  f"{len(batch.response_ids[b])} response tokens")
             p, k = len(prompt), self.top_k
-            parts[0] += [torch.zeros(p), self.token_logprobs[b].float()]
-            parts[1] += [torch.zeros(p, k, dtype=torch.int64), self.topk_ids[b].long()]
-            parts[2] += [torch.zeros(p, k), self.topk_logprobs[b].float()]
+            parts[0].extend([torch.zeros(p), self.token_logprobs[b].float()])
+            parts[1].extend([torch.zeros(p, k, dtype=torch.int64), self.topk_ids[b].long()])
+            parts[2].extend([torch.zeros(p, k), self.topk_logprobs[b].float()])
         return tuple(torch.cat(part) for part in parts)

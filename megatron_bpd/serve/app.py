@@ -106,7 +106,8 @@ class SGLangServer:
         return web.json_response({
             "model_path": self.model_path, "served_model_name": self.model_path, "tokenizer_path": self.model_path,
             "max_context_length": getattr(config, "max_position_embeddings", 0), "version": VERSION,
-            "internal_states": [{"num_requests": self.engine.num_requests, "paused": self.engine.paused}],
+            "internal_states": [{"num_requests": self.engine.num_requests, "num_finished": self.engine.num_finished,
+                                 "paused": self.engine.paused}],
             "host": self.host, "port": self.port, "disaggregation_mode": "null", "dp_size": 1, "tp_size": 1,
             "weight_version": self.engine.weight_version})
 

@@ -66,6 +66,7 @@ class Engine:
         self.model = self.tokenizer = self.runner = None
         self.weight_version = "default"
         self.paused = False
+        self.num_finished = 0
         self._commands: queue.Queue = queue.Queue()
         self._waiting: deque[list[Sequence]] = deque()  # groups of samples sharing one prompt
         self._running: list[Sequence] = []
@@ -227,6 +228,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: dict[str, Any]) -> None:
         seq.finish, seq.weight_version = reason, self.weight_version
+        self.num_finished += 1
         seq.notify(seq, len(seq.output_ids))
 
     def _abort(self, rid: str | None, message: str) -> None:
