@@ -1,0 +1,51 @@
+"""The forward step that plugs the gated OPD loss into Megatron-Core's pipeline schedules.
+
+    forward_backward = megatron.core.pipeline_parallel.get_forward_backward_func()
+    forward_backward(forward_step_func=make_forward_step(loss_config, num_tokens, num_microbatches),
+                     data_iterator=iter(micro_batches), model=model, num_microbatches=num_microbatches, ...)
+
+Every stage runs the model on its micro-batch; on the last pipeline stage the model returns vocab-parallel logits
+``[b, s, V/tp]`` (``parallel_output=True``) and the loss function computes log-probs, gates and the loss from them
+without gathering the vocabulary. Other stages only pass activations.
+"""
+
+import functools
+
+import torch
+from megatron.core import parallel_state
+
+from .batch import MicroBatch
+from .loss import LossConfig, opd_loss
+
+
+def gradient_scale(num_microbatches: int) -> float:
+    """Factor that turns Megatron's reduction into the whole batch's gradient.
+
+    For a 2-tuple loss Megatron divides by the number of micro-batches and multiplies by the CP size, and its DDP
+    averages gradients over the DP x CP ranks. The OPD loss of a micro-batch is already divided by the global
+    valid-token count, so it is scaled by num_microbatches * DP to make the gradients sum exactly.
+    """
+    return float(num_microbatches * parallel_state.get_data_parallel_world_size())
+
+
+def make_forward_step(config: LossConfig, num_tokens: torch.Tensor, num_microbatches: int, normalizer=None):
+    """``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func()``.
+
+    The iterator yields ``MicroBatch`` objects already split for this CP rank. ``num_tokens``: valid tokens of the
+    whole optimizer-step batch (all micro-batches, DP and CP ranks). The loss function returns the scaled loss
+    and ``{"loss": unscaled loss, ...metrics}``; summing "loss" over micro-batches and DP ranks gives the batch loss.
+    """
+    scale = gradient_scale(num_microbatches)
+
+    def loss_func(batch: MicroBatch, logits: torch.Tensor):
+        loss, metrics = opd_loss(logits, batch, config, num_tokens,
+                                 tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                 cp_group=parallel_state.get_context_parallel_group(), normalizer=normalizer)
+        return loss * scale, {"loss": loss.detach(), **metrics}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        logits = model(batch.tokens, batch.position_ids, attention_mask=None)
+        return logits, functools.partial(loss_func, batch)
+
+    return forward_step

@@ -1,0 +1,72 @@
+"""The gated OPD loss on vocab-parallel logits: what the last pipeline stage computes for one micro-batch.
+
+logits [b, s, V/tp] (this TP rank's vocabulary shard, this CP rank's share of the positions) ->
+  current log-probs of the labels (vocab-parallel, never gathering the vocabulary) ->
+  drift gates (segment sums combined over the CP group, normalized over the configured scope) ->
+  sampled-token PPO loss, or LSM on the teacher's top-K support (student logits gathered at the support ids),
+  reduced with the global valid-token count of the optimizer-step batch.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+from ..gating import GateConfig, gates_for_segments
+from ..losses import sampled_token_opd_loss, topk_lsm_loss
+from ..parallel.context_parallel import group_sum
+from ..vocab_parallel import gather_at, logprobs_at
+from .batch import MicroBatch
+
+LOSSES = ("sampled_token", "topk_lsm")
+
+
+@dataclass
+class LossConfig:
+    """The OPD loss: ``kind`` "sampled_token" (PPO with teacher advantage) or "topk_lsm" (Teacher-TopK/LSM)."""
+
+    kind: str = "sampled_token"
+    gate: GateConfig = field(default_factory=GateConfig)
+    clip_eps: Tuple[float, float] = (0.2, 0.2)
+    adv_clip: float = 5.0
+    log_ratio_clip: float = 5.0
+    temperature: float = 1.0
+    vocab_size: Optional[int] = None  # the real vocabulary when the model's is padded for TP
+
+    def __post_init__(self):
+        if self.kind not in LOSSES:
+            raise ValueError(f"LossConfig.kind must be one of {LOSSES}, got {self.kind!r}")
+        if isinstance(self.gate, dict):
+            self.gate = GateConfig(**self.gate)
+        self.clip_eps = tuple(self.clip_eps)
+
+
+def opd_loss(logits: torch.Tensor, batch: MicroBatch, config: LossConfig, num_tokens: torch.Tensor, *,
+             tp_group=None, cp_group=None, normalizer=None):
+    """Gated OPD loss of one micro-batch: ``(loss, metrics)``.
+
+    ``loss`` = sum over this rank's valid positions of m * g * l, divided by ``num_tokens`` (the valid-token count
+    of the whole optimizer-step batch: all micro-batches, DP and CP ranks), so that the losses of all micro-batches
+    and ranks add up to the loss of the whole batch. ``normalizer``: the summed gate normalizer terms for the
+    gate scope "global". ``metrics`` holds the loss's and the gate's 0-d summaries, the gate's
+    ``normalizer_terms`` and the per-position ``gates`` of this rank's positions.
+    """
+    cur = logprobs_at(logits, batch.labels, tp_group, temperature=config.temperature, vocab_size=config.vocab_size)
+    gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
+                                           config.gate, reduce=group_sum(cp_group), normalizer=normalizer)
+    if config.kind == "sampled_token":
+        if batch.teacher_logprobs is None:
+            raise ValueError("the sampled_token loss needs MicroBatch.teacher_logprobs")
+        loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, batch.loss_mask,
+                                               gates, config.clip_eps, config.adv_clip, num_tokens=num_tokens)
+    else:
+        if batch.teacher_topk_ids is None or batch.teacher_topk_logprobs is None:
+            raise ValueError("the topk_lsm loss needs MicroBatch.teacher_topk_ids and teacher_topk_logprobs")
+        student = gather_at(logits, batch.teacher_topk_ids, tp_group, vocab_size=config.vocab_size)
+        if config.temperature != 1.0:
+            student = student / config.temperature
+        loss, metrics = topk_lsm_loss(student, batch.teacher_topk_logprobs, batch.loss_mask, gates,
+                                      config.log_ratio_clip, num_tokens=num_tokens)
+    metrics.update({k: v for k, v in gate_stats.items() if v.dim() == 0})
+    metrics.update(normalizer_terms=gate_stats["normalizer_terms"], gates=gates)
+    return loss, metrics

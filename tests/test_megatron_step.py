@@ -1,0 +1,130 @@
+"""One optimizer step of gated OPD through Megatron-Core's pipeline schedules on a tiny Qwen3 GPTModel (local spec,
+qk_layernorm, GQA): the loss and the updated weights are the same under TP1, TP2, PP2 and TP2xPP2, and equal to
+the same step taken with Hugging Face transformers' Qwen3ForCausalLM and the single-process losses."""
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from megatron_bpd.gating import GateConfig, drift_gates, plan_segments
+from megatron_bpd.losses import sampled_token_opd_loss, topk_lsm_loss
+
+B, S, K, VOCAB, LR = 4, 16, 4, 300, 0.5
+MICRO_BATCHES = [[0, 1], [2, 3]]
+GATE = GateConfig(block_size=4)
+KINDS = ["sampled_token", "topk_lsm"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from megatron_bpd.models.tiny import make_tiny_qwen3
+
+    return str(make_tiny_qwen3(tmp_path_factory.mktemp("tiny"), layers=2, hidden=64, heads=4, kv_heads=2,
+                               head_dim=16, ffn=96, vocab=VOCAB, tied=False, seed=0))
+
+
+def make_data():
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(VOCAB, (B, S + 1), generator=g)
+    starts = torch.tensor([2, 5, 0, 3])
+    mask = torch.arange(S)[None] >= starts[:, None]
+    old = -torch.rand(B, S, generator=g) * 2 - 4.5  # near log(1/300): the behaviour policy of a random model
+    teacher = -torch.rand(B, S, generator=g) * 8
+    top_ids = torch.stack([torch.randperm(VOCAB, generator=g)[:K] for _ in range(B * S)]).view(B, S, K)
+    top_lp = torch.log_softmax(torch.randn(B, S, K, generator=g), -1) - 0.3
+    return dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], starts=starts, mask=mask, old=old, teacher=teacher,
+                top_ids=top_ids, top_lp=top_lp)
+
+
+def micro_batch(data, rows):
+    from megatron_bpd.train.batch import MicroBatch
+
+    plan = plan_segments((len(rows), S), GATE, response_starts=data["starts"][rows])
+    return MicroBatch(tokens=data["tokens"][rows], labels=data["labels"][rows], loss_mask=data["mask"][rows],
+                      old_logprobs=data["old"][rows], segment_ids=plan.segment_ids, plan=plan,
+                      teacher_logprobs=data["teacher"][rows], teacher_topk_ids=data["top_ids"][rows],
+                      teacher_topk_logprobs=data["top_lp"][rows])
+
+
+def _train_one_step(rank, world_size, tp, pp, hf_dir):
+    return {kind: _one_step(rank, tp, pp, hf_dir, kind) for kind in KINDS}
+
+
+def _one_step(rank, tp, pp, hf_dir, kind):
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_bpd import parallel
+    from megatron_bpd.models.qwen3 import build_model, iter_hf_weights, load_hf_weights
+    from megatron_bpd.train.forward_step import make_forward_step
+    from megatron_bpd.train.loss import LossConfig
+
+    parallel.initialize(tp=tp, pp=pp, seed=5)
+    model = build_model(hf_dir, transformer_impl="local")
+    load_hf_weights(model, hf_dir, progress=False)
+    data = make_data()
+    batches = [micro_batch(data, rows) for rows in MICRO_BATCHES]
+    config = LossConfig(kind=kind, gate=GATE, vocab_size=VOCAB)
+    forward_step = make_forward_step(config, data["mask"].sum(), len(batches))
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        seq_length=S, micro_batch_size=2, forward_only=False)
+    torch.optim.SGD(model.parameters(), lr=LR).step()
+    weights = {name: tensor.clone() for name, tensor in iter_hf_weights(model)}
+    loss = sum(o["loss"].item() for o in out) if ps.is_pipeline_last_stage() else None
+    return dict(loss=loss, weights=weights if rank == 0 else None)
+
+
+def hf_one_step(hf_dir, kind):
+    """The same step with transformers' Qwen3ForCausalLM and the single-process gate and losses."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    data = make_data()
+    num_tokens = data["mask"].sum()
+    total = 0.0
+    for rows in MICRO_BATCHES:
+        logits = model(data["tokens"][rows]).logits.float()
+        cur = torch.log_softmax(logits, -1).gather(-1, data["labels"][rows][..., None])[..., 0]
+        gates, _ = drift_gates(cur, data["old"][rows], data["mask"][rows], GATE, response_starts=data["starts"][rows])
+        if kind == "sampled_token":
+            loss, _ = sampled_token_opd_loss(cur, data["old"][rows], data["teacher"][rows], data["mask"][rows], gates,
+                                             num_tokens=num_tokens)
+        else:
+            loss, _ = topk_lsm_loss(logits.gather(-1, data["top_ids"][rows]), data["top_lp"][rows],
+                                    data["mask"][rows], gates, num_tokens=num_tokens)
+        loss.backward()
+        total += loss.item()
+    torch.optim.SGD(model.parameters(), lr=LR).step()
+    return total, {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir):
+    return {kind: hf_one_step(tiny_model_dir, kind) for kind in KINDS}
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)], ids=["TP1", "TP2", "PP2", "TP2xPP2"])
+def test_one_step_same_under_every_layout_and_equal_to_transformers(tiny_model_dir, references, tp, pp):
+    all_results = run_distributed(_train_one_step, tp * pp, tp, pp, tiny_model_dir)
+    for kind in KINDS:
+        ref_loss, ref_weights = references[kind]
+        results = [r[kind] for r in all_results]
+        loss = next(r["loss"] for r in results if r["loss"] is not None)
+        assert loss == pytest.approx(ref_loss, rel=1e-5), (tp, pp)
+        weights = results[0]["weights"]
+        assert set(weights) == set(ref_weights)
+        for name, ref in ref_weights.items():
+            torch.testing.assert_close(weights[name], ref, rtol=1e-5, atol=2e-6, msg=f"TP{tp} PP{pp} {name}")
+        changed = max((ref_weights[n] - w).abs().max().item() for n, w in _initial_weights(tiny_model_dir).items())
+        assert changed > 1e-4, "the step did not change the weights: the test would not see a wrong gradient"
+
+
+def _initial_weights(hf_dir):
+    from safetensors.torch import load_file
+    from pathlib import Path
+
+    weights = {}
+    for f in Path(hf_dir).glob("*.safetensors"):
+        weights.update(load_file(f))
+    return weights

@@ -1,0 +1,143 @@
+"""Gates, loss and the loss gradient w.r.t. the logits are the same under TP2, CP2, TP2xCP2 and DP2 as on one
+process with the full vocabulary and the unsplit sequences (plain log_softmax + drift_gates + losses)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from megatron_bpd.gating import GateConfig, drift_gates, plan_segments
+from megatron_bpd.losses import sampled_token_opd_loss, topk_lsm_loss
+
+B, S, V, K = 4, 16, 24, 4
+MICRO_BATCHES = [[0, 1], [2, 3]]  # the optimizer-step batch: two micro-batches of two sequences
+GATES = [GateConfig(block_size=3), GateConfig(block_size=5, scope="sequence", statistic="abs_mean"),
+         GateConfig(block_size=4, scope="global", tau=2.0)]
+LOSSES = ["sampled_token", "topk_lsm"]
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, S, V, generator=g) * 2
+    labels = torch.randint(V, (B, S), generator=g)
+    starts = torch.tensor([3, 0, 5, 2])
+    mask = torch.rand(B, S, generator=g) < 0.9
+    mask &= torch.arange(S)[None] >= starts[:, None]
+    old = torch.log_softmax(logits + 0.4 * torch.randn(B, S, V, generator=g), -1).gather(-1, labels[..., None])[..., 0]
+    teacher_logits = torch.randn(B, S, V, generator=g) * 3
+    teacher = torch.log_softmax(teacher_logits, -1)
+    top = teacher.topk(K, -1)
+    return dict(logits=logits, labels=labels, starts=starts, mask=mask, old=old,
+                teacher=teacher.gather(-1, labels[..., None])[..., 0], top_ids=top.indices, top_lp=top.values)
+
+
+def reference(data, gate, kind):
+    """(loss, gates [B, S], grad of the loss w.r.t. the full logits) on one process."""
+    logits = data["logits"].double().requires_grad_()
+    num_tokens = data["mask"].sum()
+    cur_all = torch.log_softmax(logits, -1).gather(-1, data["labels"][..., None])[..., 0]
+    normalizer = None
+    if gate.scope == "global":
+        raw = dataclasses.replace(gate, normalize=False)
+        normalizer = sum(drift_gates(cur_all[r].detach(), data["old"][r].double(), data["mask"][r], raw,
+                                     response_starts=data["starts"][r])[1]["normalizer_terms"]
+                         for r in MICRO_BATCHES)
+    total, all_gates = 0.0, torch.zeros(B, S)
+    for rows in MICRO_BATCHES:
+        cur = cur_all[rows]
+        gates, _ = drift_gates(cur, data["old"][rows].double(), data["mask"][rows], gate,
+                               response_starts=data["starts"][rows], normalizer=normalizer)
+        all_gates[rows] = gates
+        if kind == "sampled_token":
+            loss, _ = sampled_token_opd_loss(cur, data["old"][rows].double(), data["teacher"][rows].double(),
+                                             data["mask"][rows], gates, num_tokens=num_tokens)
+        else:
+            student = logits[rows].gather(-1, data["top_ids"][rows])
+            loss, _ = topk_lsm_loss(student, data["top_lp"][rows].double(), data["mask"][rows], gates,
+                                    num_tokens=num_tokens)
+        total = total + loss
+    total.backward()
+    return total.item(), all_gates, logits.grad.float()
+
+
+def _worker(rank, world_size, tp, cp):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_bpd import parallel
+    from megatron_bpd.parallel.context_parallel import cp_positions
+    from megatron_bpd.train.batch import MicroBatch
+    from megatron_bpd.train.loss import LossConfig, opd_loss
+
+    parallel.initialize(tp=tp, cp=cp, seed=1)
+    tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    tp_group, cp_group = ps.get_tensor_model_parallel_group(), ps.get_context_parallel_group()
+    data = make_batch()
+    vocab = slice(tp_rank * V // tp, (tp_rank + 1) * V // tp)
+    positions, _ = cp_positions((B, S), cp, cp_rank)
+    my_micro = MICRO_BATCHES[dp_rank::dp_size]
+    num_tokens = data["mask"].sum()
+    out = {}
+    for gate in GATES:
+        for kind in LOSSES:
+            config = LossConfig(kind=kind, gate=gate)
+
+            def local(rows, cfg):
+                plan = plan_segments((len(rows), S), cfg.gate, response_starts=data["starts"][rows])
+                batch = MicroBatch(tokens=data["labels"][rows], labels=data["labels"][rows],
+                                   loss_mask=data["mask"][rows], old_logprobs=data["old"][rows],
+                                   segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=data["teacher"][rows],
+                                   teacher_topk_ids=data["top_ids"][rows], teacher_topk_logprobs=data["top_lp"][rows])
+                logits = data["logits"][rows][:, positions, vocab].clone().requires_grad_()
+                return batch.split_for_cp(cp, cp_rank), logits
+
+            normalizer = None
+            if gate.scope == "global":  # the no-grad pre-pass over every micro-batch of the step
+                raw = dataclasses.replace(config, gate=dataclasses.replace(gate, normalize=False))
+                normalizer = torch.zeros(2, dtype=torch.float64)
+                for rows in my_micro:
+                    batch, logits = local(rows, raw)
+                    with torch.no_grad():
+                        normalizer += opd_loss(logits, batch, raw, num_tokens, tp_group=tp_group,
+                                               cp_group=cp_group)[1]["normalizer_terms"]
+                dist.all_reduce(normalizer, group=ps.get_data_parallel_group())
+            results = []
+            for rows in my_micro:
+                batch, logits = local(rows, config)
+                loss, metrics = opd_loss(logits, batch, config, num_tokens, tp_group=tp_group, cp_group=cp_group,
+                                         normalizer=normalizer)
+                loss.backward()
+                results.append(dict(rows=rows, loss=loss.item(), grad=logits.grad, gates=metrics["gates"]))
+            out[(gate.block_size, kind)] = results
+    return dict(positions=positions, vocab=(vocab.start, vocab.stop), out=out)
+
+
+@pytest.mark.parametrize("tp,cp,world", [(2, 1, 2), (1, 2, 2), (2, 2, 4), (1, 1, 2)],
+                         ids=["TP2", "CP2", "TP2xCP2", "DP2"])
+def test_loss_and_logit_gradients_match_one_process(tp, cp, world):
+    data = make_batch()
+    results = run_distributed(_worker, world, tp, cp)
+    for gate in GATES:
+        for kind in LOSSES:
+            ref_loss, ref_gates, ref_grad = reference(data, gate, kind)
+            grad = torch.full((B, S, V), float("nan"))
+            gates = torch.full((B, S), float("nan"))
+            total = 0.0
+            for rank_result in results:
+                lo, hi = rank_result["vocab"]
+                pos = rank_result["positions"]
+                for part in rank_result["out"][(gate.block_size, kind)]:
+                    sub = grad[part["rows"]]
+                    sub[:, pos, lo:hi] = part["grad"]
+                    grad[part["rows"]] = sub
+                    gate_rows = gates[part["rows"]]
+                    gate_rows[:, pos] = part["gates"]
+                    gates[part["rows"]] = gate_rows
+                    if lo == 0:  # each (micro-batch, CP share) counted once, not once per TP rank
+                        total += part["loss"]
+            assert not torch.isnan(grad).any(), "some logits got no gradient"
+            torch.testing.assert_close(gates, ref_gates, rtol=1e-5, atol=1e-6, msg=f"gates {gate} {kind}")
+            assert total == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (gate, kind)
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{gate} {kind}")
