@@ -96,9 +96,18 @@ def start_servers(model: Path, log_dir: Path, count: int, *extra: str) -> list[S
         raise
 
 
-def num_finished(url: str) -> int:
-    """Sequences a server has finished so far (from /server_info)."""
+def _internal_state(url: str, key: str) -> int:
     import json
 
     with urllib.request.urlopen(f"{url}/server_info", timeout=10) as r:
-        return json.loads(r.read())["internal_states"][0]["num_finished"]
+        return json.loads(r.read())["internal_states"][0][key]
+
+
+def num_finished(url: str) -> int:
+    """Sequences a server has finished so far (from /server_info)."""
+    return _internal_state(url, "num_finished")
+
+
+def num_running(url: str) -> int:
+    """Sequences a server is generating or holding in its queue now."""
+    return _internal_state(url, "num_requests")

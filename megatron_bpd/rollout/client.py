@@ -56,6 +56,21 @@ class ClientConfig:
         self.control_urls = [u.rstrip("/") for u in (self.control_urls or self.urls)]
 
 
+async def gather_all(coros) -> list:
+    """Like asyncio.gather, but the first failure cancels the other coroutines before it is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return []
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+    if failed:
+        raise failed[0].exception()
+    return [t.result() for t in tasks]
+
+
 class SGLangClient:
     """Use as ``async with SGLangClient(config) as client: ...``."""
 

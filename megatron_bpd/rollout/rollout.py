@@ -3,11 +3,10 @@ failed request is retried alone and every sample gets its own seed."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from megatron_bpd.rollout.client import SGLangClient
+from megatron_bpd.rollout.client import SGLangClient, gather_all
 from megatron_bpd.rollout.protocol import GenerateOutput, GenerateRequest, ProtocolError, SamplingParams, check_logprobs
 from megatron_bpd.rollout.types import TrajectoryBatch
 
@@ -38,7 +37,7 @@ async def generate_rollout(client: SGLangClient, prompts: Sequence[Sequence[int]
             request = GenerateRequest(input_ids=list(prompt), sampling_params=replace(config.sampling, sampling_seed=seed),
                                       rid=client.new_rid(f"p{i}s{j}-"), return_logprob=True)
             jobs.append(client.generate(request))
-    outputs = [out[0] for out in await asyncio.gather(*jobs)]
+    outputs = [out[0] for out in await gather_all(jobs)]
     responses = [list(o.output_ids) for o in outputs]
     return TrajectoryBatch(
         prompt_ids=[list(prompts[k // config.n_samples]) for k in range(len(outputs))],

@@ -13,11 +13,10 @@ that the PPO ratio is exactly 1 on a fresh rollout. With T = 1 (the paper's sett
 
 from __future__ import annotations
 
-import asyncio
 
 import torch
 
-from megatron_bpd.rollout.client import SGLangClient
+from megatron_bpd.rollout.client import SGLangClient, gather_all
 from megatron_bpd.rollout.protocol import GenerateOutput, GenerateRequest, ProtocolError, SamplingParams, check_logprobs
 from megatron_bpd.rollout.types import TeacherScores, TrajectoryBatch
 
@@ -31,7 +30,7 @@ class SGLangTeacher:
         self.client, self.top_k = client, top_k
 
     async def score(self, batch: TrajectoryBatch) -> TeacherScores:
-        scored = await asyncio.gather(*(self._score_one(p, r) for p, r in zip(batch.prompt_ids, batch.response_ids)))
+        scored = await gather_all(self._score_one(p, r) for p, r in zip(batch.prompt_ids, batch.response_ids))
         return TeacherScores(*(list(part) for part in zip(*scored))) if scored else TeacherScores([], [], [])
 
     async def _score_one(self, prompt: list[int], response: list[int]):
