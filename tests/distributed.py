@@ -5,10 +5,12 @@ Usage in a test: ``results = run_distributed(fn, world_size, *args)`` where ``fn
 return value. A failure in any process fails the test with that process's traceback.
 """
 
+import io
 import os
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -27,7 +29,10 @@ def _worker(rank, world_size, port, fn, args, queue):
 
     torch.set_num_threads(1)
     try:
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        result = fn(rank, world_size, *args)
+        buffer = io.BytesIO()  # plain bytes: tensors shared through file descriptors die with the worker
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -51,7 +56,7 @@ def run_distributed(fn, world_size, *args, timeout=300):
             if status == "error":
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break
-            results[rank] = payload
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 60)
