@@ -58,18 +58,22 @@ def _one_step(rank, tp, pp, hf_dir, kind):
     from megatron_bpd.models.qwen3 import build_model, iter_hf_weights, load_hf_weights
     from megatron_bpd.train.forward_step import make_forward_step
     from megatron_bpd.train.loss import LossConfig
+    from megatron_bpd.train.setup import OptimizerSettings, wrap_for_training, zero_grads
 
     parallel.initialize(tp=tp, pp=pp, seed=5)
     model = build_model(hf_dir, transformer_impl="local")
     load_hf_weights(model, hf_dir, progress=False)
+    ddp_model, optimizer = wrap_for_training(model, OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.0))
+    zero_grads(ddp_model, optimizer)
     data = make_data()
     batches = [micro_batch(data, rows) for rows in MICRO_BATCHES]
     config = LossConfig(kind=kind, gate=GATE, vocab_size=VOCAB)
     forward_step = make_forward_step(config, data["mask"].sum(), len(batches))
     out = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-        seq_length=S, micro_batch_size=2, forward_only=False)
-    torch.optim.SGD(model.parameters(), lr=LR).step()
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp_model],
+        num_microbatches=len(batches), seq_length=S, micro_batch_size=2, forward_only=False)
+    update_ok, _, _ = optimizer.step()
+    assert update_ok
     weights = {name: tensor.clone() for name, tensor in iter_hf_weights(model)}
     loss = sum(o["loss"].item() for o in out) if ps.is_pipeline_last_stage() else None
     return dict(loss=loss, weights=weights if rank == 0 else None)

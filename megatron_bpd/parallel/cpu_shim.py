@@ -2,7 +2,8 @@
 
 megatron-core calls a few CUDA-only functions even for CPU tensors: ``torch.cuda.current_device()`` (rotary
 ``inv_freq``, ``GlobalMemoryBuffer``), ``torch.cuda.synchronize()`` (p2p, dist-checkpoint saving), literal
-``device="cuda"`` keywords (default causal mask, zeros in pipeline schedules) and the CUDA RNG tracker's ``fork``.
+``device="cuda"`` keywords (default causal mask, zeros in pipeline schedules), ``torch.cuda.current_stream()``
+(DDP's gradient buckets wait on it) and the CUDA RNG tracker's ``fork``.
 The shim redirects exactly those to the CPU. It is applied only when no CUDA device exists and never on a GPU.
 """
 
@@ -10,6 +11,19 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _applied = False
+
+
+class _NullStream:
+    """Stands in for the current CUDA stream: CPU work is synchronous, so there is nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 class _CudaDeviceToCpu(TorchFunctionMode):
@@ -35,6 +49,7 @@ def apply_cpu_shim(seed: int) -> bool:
     if not _applied:
         torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.synchronize = lambda device=None: None
+        torch.cuda.current_stream = lambda device=None: _NullStream()
         _CudaDeviceToCpu().__enter__()  # process-wide: megatron creates CUDA tensors at arbitrary call sites
         _applied = True
     from megatron.core import tensor_parallel
