@@ -218,26 +218,26 @@ def export_megatron_to_hf(ckpt_dir: "str | Path", out_dir: "str | Path", progres
     save_hf_checkpoint(model, out_dir, Path(ckpt_dir) / HF_SUBDIR, max_shard_bytes, progress)
 
 
-def _spawned(rank: int, world: int, port: int, tp: int, pp: int, fn, args) -> None:
+def _spawned(rank: int, world: int, port: int, tp: int, pp: int, fn, args, kwargs) -> None:
     from megatron_bpd import parallel
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     parallel.initialize(tp=tp, pp=pp)
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     finally:
         parallel.destroy()
 
 
-def run_parallel(fn, tp: int, pp: int, *args) -> None:
-    """Run ``fn(*args)`` on every rank of a tp x pp layout: in place under torchrun, else on tp*pp spawned local
+def run_parallel(fn, tp: int, pp: int, *args, **kwargs) -> None:
+    """Run ``fn(*args, **kwargs)`` on every rank of a tp x pp layout: in place under torchrun, else on tp*pp spawned local
     processes (gloo on CPU, one GPU each where there are enough)."""
     if "RANK" in os.environ:
         from megatron_bpd import parallel
 
         parallel.initialize(tp=tp, pp=pp)
-        fn(*args)
+        fn(*args, **kwargs)
         return
     import socket
 
@@ -246,4 +246,4 @@ def run_parallel(fn, tp: int, pp: int, *args) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(tp * pp, port, tp, pp, fn, args), nprocs=tp * pp, join=True)
+    mp.spawn(_spawned, args=(tp * pp, port, tp, pp, fn, args, kwargs), nprocs=tp * pp, join=True)
