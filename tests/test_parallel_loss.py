@@ -141,3 +141,55 @@ def test_loss_and_logit_gradients_match_one_process(tp, cp, world):
             torch.testing.assert_close(gates, ref_gates, rtol=1e-5, atol=1e-6, msg=f"gates {gate} {kind}")
             assert total == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (gate, kind)
             torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{gate} {kind}")
+
+
+def _packed_cp_gates(rank, world_size):
+    import torch.distributed as dist
+
+    from megatron_bpd.gating import gates_for_segments
+    from megatron_bpd.parallel.context_parallel import cp_positions, group_sum, split_for_cp
+
+    dist.init_process_group("gloo")
+    cur, old, mask, cu, starts, span_starts = packed_batch()
+    config = GateConfig(granularity="span", scope="sequence")
+    plan = plan_segments(cur.shape, config, cu_seqlens=cu, response_starts=starts, span_starts=span_starts)
+    index, local_cu = cp_positions(cur.shape, world_size, rank, cu_seqlens=cu)
+    local = [split_for_cp(t, index, 0) for t in (cur, old, mask, plan.segment_ids)]
+    gates, stats = gates_for_segments(*local[:3], local[3], plan, config, reduce=group_sum(dist.group.WORLD))
+    return dict(index=index, gates=gates, local_cu=local_cu, drift=stats["drift_abs_mean"])
+
+
+def packed_batch():
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 8, 32, 44], dtype=torch.int32)  # lengths 8, 24, 12: multiples of 2*CP = 4
+    n = int(cu[-1])
+    old = -torch.rand(n, generator=g) * 3
+    cur = old + torch.randn(n, generator=g) * 0.5
+    mask = torch.rand(n, generator=g) < 0.9
+    span_starts = torch.rand(n, generator=g) < 0.2
+    return cur, old, mask, cu, torch.tensor([2, 5, 0]), span_starts
+
+
+def test_packed_thd_spans_under_cp2_equal_unsplit():
+    cur, old, mask, cu, starts, span_starts = packed_batch()
+    expected, stats = drift_gates(cur, old, mask, GateConfig(granularity="span", scope="sequence"), cu_seqlens=cu,
+                                  response_starts=starts, span_starts=span_starts)
+    results = run_distributed(_packed_cp_gates, 2)
+    gates = torch.full_like(expected, float("nan"))
+    for r in results:
+        gates[r["index"]] = r["gates"]
+        assert r["local_cu"].tolist() == [0, 4, 16, 22]
+        assert r["drift"].item() == pytest.approx(stats["drift_abs_mean"].item(), rel=1e-6)
+    torch.testing.assert_close(gates, expected)
+
+
+def test_cp_chunk_layout_is_megatrons_and_bad_lengths_are_named():
+    from megatron_bpd.parallel.context_parallel import cp_chunk_positions, cp_positions
+
+    assert cp_chunk_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert cp_chunk_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    assert cp_chunk_positions(12, 3, 1).tolist() == [2, 3, 8, 9]
+    with pytest.raises(ValueError, match="not divisible by 2\\*CP = 4"):
+        cp_chunk_positions(10, 2, 0)
+    with pytest.raises(ValueError, match="packed sequence 1"):
+        cp_positions((12,), 2, 0, cu_seqlens=torch.tensor([0, 4, 10, 12]))
