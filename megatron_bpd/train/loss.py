@@ -36,8 +36,6 @@ class LossConfig:
     def __post_init__(self):
         if self.kind not in LOSSES:
             raise ValueError(f"LossConfig.kind must be one of {LOSSES}, got {self.kind!r}")
-        if isinstance(self.gate, dict):
-            self.gate = GateConfig(**self.gate)
         self.clip_eps = tuple(self.clip_eps)
 
 

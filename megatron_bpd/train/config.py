@@ -1,0 +1,172 @@
+"""Everything a user tunes, in one tree of plain dataclasses, loaded from YAML with ``key.sub=value`` overrides.
+
+Unknown keys are errors (a typo never silently falls back to a default). ``TrainConfig.describe()`` prints the
+whole tree at the start of every run.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from .loss import LossConfig
+from .setup import OptimizerSettings
+
+
+@dataclass
+class ModelSettings:
+    """Student (trained) and its initial weights: an HF folder or a Megatron checkpoint made by tools/."""
+
+    student: str = ""
+    student_megatron_checkpoint: Optional[str] = None
+
+
+@dataclass
+class ParallelSettings:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+
+@dataclass
+class DataSettings:
+    """Prompts from a JSONL file: ``prompt`` or ``problem`` field (and ``answer`` for the solve rate)."""
+
+    prompts: str = ""
+    prompt_template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    apply_chat_template: bool = True
+    answer_checker: str = "math"  # "math" (math-verify on \boxed{}) | "exact" (last line equals the answer)
+    max_prompt_len: int = 2048
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutSettings:
+    """Where and how the student samples. ``servers``: SGLang server or router URLs, or ["embedded"] to start
+    ``embedded_servers`` of the project's own server as subprocesses (CPU machines)."""
+
+    servers: List[str] = field(default_factory=lambda: ["embedded"])
+    embedded_servers: int = 1
+    prompts_per_step: int = 4
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = -1
+    max_new_tokens: int = 16384
+    stop_token_ids: List[int] = field(default_factory=list)
+    mask_special_tokens: List[str] = field(default_factory=list)  # e.g. ["<", "think", "<|im_end|>"]
+    max_concurrency: int = 64
+    request_timeout_s: float = 3600.0
+
+
+@dataclass
+class TeacherSettings:
+    """``source`` "sglang": teacher servers (``servers``, or ["embedded"] to start one on ``model``);
+    "megatron": the teacher ``model`` (HF folder) runs inside the trainer on the same parallel layout."""
+
+    source: str = "sglang"
+    model: str = ""
+    servers: List[str] = field(default_factory=lambda: ["embedded"])
+    top_k: int = 32
+
+    def __post_init__(self):
+        if self.source not in ("sglang", "megatron"):
+            raise ValueError(f"teacher.source must be 'sglang' or 'megatron', got {self.source!r}")
+
+
+@dataclass
+class ReuseSettings:
+    """Each rollout batch trains ``epochs`` x ``minibatches`` optimizer steps (the paper: 2 epochs).
+    ``old_logprobs``: "recompute" with the current weights before the first update (default) or "rollout" (the
+    server's behavior log-probs)."""
+
+    epochs: int = 2
+    minibatches: int = 1
+    micro_batch_size: int = 1
+    old_logprobs: str = "recompute"
+
+    def __post_init__(self):
+        if self.old_logprobs not in ("recompute", "rollout"):
+            raise ValueError(f"reuse.old_logprobs must be 'recompute' or 'rollout', got {self.old_logprobs!r}")
+
+
+@dataclass
+class CheckpointSettings:
+    dir: Optional[str] = None
+    every: int = 0  # steps; 0: only at the end
+    resume: bool = False
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"
+    steps: int = 200
+    seed: int = 1234
+    model: ModelSettings = field(default_factory=ModelSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reuse: ReuseSettings = field(default_factory=ReuseSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+
+    def describe(self) -> str:
+        return yaml.safe_dump(to_dict(self), sort_keys=False)
+
+
+def to_dict(config) -> dict:
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else (list(value) if isinstance(value, tuple)
+                                                                               else value)
+    return out
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from nested dicts; unknown keys raise ValueError naming them."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {where or 'root'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                         f"valid keys of {where or 'the root'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = from_dict(kind, value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """``a.b.c=value`` (value parsed as YAML) into nested dicts."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} is not of the form key.sub=value")
+    key, value = override.split("=", 1)
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_config(path: Optional[str] = None, overrides=()) -> TrainConfig:
+    """A TrainConfig from a YAML file (or defaults) and ``key.sub=value`` overrides."""
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = data or {}
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(TrainConfig, data)
+
