@@ -1,0 +1,257 @@
+"""Vocab-parallel ops at TP 1/2/4 over gloo against a single-process float64 full-vocabulary reference.
+
+One spawn per TP size runs every case (``_run_cases``) and reports errors; the tests below assert on them.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed import run_distributed
+
+from megatron_bpd import vocab_parallel as vp
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def _reference(full, vocab_size, temperature):
+    """float64 log-softmax over the unpadded vocabulary of the full (unsharded) logits."""
+    return F.log_softmax(full[..., :vocab_size].double() / temperature, -1)
+
+
+def _grad_of(fn, full, weight):
+    """Gradient of sum(weight * fn(x)) wrt the float64 full logits."""
+    x = full.double().requires_grad_()
+    (fn(x) * weight).sum().backward()
+    return x.grad
+
+
+def _shard_of(full, rank, tp):
+    local = full.shape[-1] // tp
+    return full[..., rank * local:(rank + 1) * local].clone().requires_grad_()
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# --------------------------------------------------------------------------------------------------- cases
+# name: (shape without V, padded V, vocab_size, dtype, scale, temperature, K or None, chunk_size)
+CASES = {
+    "bsv_one_id": ((2, 5), 96, None, torch.float32, 3.0, 1.0, None, 3),
+    "packed_k_ids": ((9,), 96, None, torch.float32, 3.0, 0.7, 4, 4),
+    "bf16": ((3, 4), 96, None, torch.bfloat16, 3.0, 1.3, 3, 5),
+    "magnitude_1e4": ((7,), 96, None, torch.float32, 1e4, 1.0, 2, 3),
+    "padded_1000_of_1024": ((2, 3), 1024, 1000, torch.float32, 3.0, 1.0, 5, 4),
+    "last_rank_all_padding": ((5,), 128, 90, torch.float32, 3.0, 0.9, 3, 2),
+}
+GRAD_TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}  # the gradient comes back in the logits' dtype
+
+
+def _value_tol(ref):
+    """float32 results: a few ulps of the largest reference value (|log p| reaches 4e4 for logits of 1e4)."""
+    return 3e-6 + 2e-7 * ref.abs().max().item()
+
+
+def _make(case, rank, tp):
+    lead, padded, vocab_size, dtype, scale, temperature, k, chunk = case
+    vocab = padded if vocab_size is None else vocab_size
+    gen = torch.Generator().manual_seed(1000 + padded + len(lead))
+    full = (torch.randn(*lead, padded, generator=gen) * scale).to(dtype)
+    full[..., vocab:] = 1e6  # padding: huge values that must never enter a softmax or win a top-K
+    ids = torch.randint(0, vocab, (*lead, k) if k else lead, generator=gen)
+    weight_ids = torch.randn(ids.shape, generator=gen, dtype=torch.float64)
+    weight_pos = torch.randn(lead, generator=gen, dtype=torch.float64)
+    return full, ids, weight_ids, weight_pos, vocab
+
+
+def _case_errors(case, rank, tp, group):
+    lead, padded, vocab_size, dtype, scale, temperature, k, chunk = case
+    full, ids, w_ids, w_pos, vocab = _make(case, rank, tp)
+    local = padded // tp
+    cols = slice(rank * local, (rank + 1) * local)
+    kw = dict(temperature=temperature, vocab_size=vocab_size, chunk_size=chunk)
+    grad_tol = GRAD_TOL[dtype]
+    out = {}
+
+    def ref_logprobs(x):
+        lsm = _reference(x, vocab, temperature)
+        return lsm.gather(-1, ids) if k else lsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+    def ref_entropy(x):
+        lsm = _reference(x, vocab, temperature)
+        return -(lsm.exp() * lsm).sum(-1)
+
+    for name, ours, ref, weight in (
+        ("logprobs_at", lambda s: vp.logprobs_at(s, ids, group, **kw), ref_logprobs, w_ids),
+        ("entropy", lambda s: vp.entropy(s, group, **kw), ref_entropy, w_pos),
+        ("gather_at", lambda s: vp.gather_at(s, ids, group, vocab_size),
+         lambda x: x.gather(-1, ids if k else ids.unsqueeze(-1)).view(ids.shape), w_ids),
+    ):
+        shard = _shard_of(full, rank, tp)
+        value = ours(shard)
+        (value.double() * weight).sum().backward()
+        ref_value, ref_grad = ref(full.double()), _grad_of(ref, full, weight)[..., cols]
+        out[name] = dict(value=_err(value, ref_value), grad=_err(shard.grad, ref_grad),
+                         dtype=value.dtype, value_tol=_value_tol(ref_value), grad_tol=grad_tol,
+                         pad_grad_zero=bool((shard.grad.reshape(-1, local)[:, max(vocab - rank * local, 0):] == 0).all()))
+    top_k = k or 3
+    values, top_ids = vp.topk(_shard_of(full, rank, tp), top_k, group, temperature, vocab_size, chunk)
+    ref_lsm = _reference(full, vocab, temperature)
+    ref_values = ref_lsm.topk(top_k, -1).values
+    # ids: distinct, real, and their reference log-probs are the top-k values (bf16 logits have ties)
+    distinct = (top_ids.sort(-1).values.diff(dim=-1) != 0).all() if top_k > 1 else True
+    ids_valid = bool(distinct) and bool((top_ids < vocab).all()) and _err(ref_lsm.gather(-1, top_ids), ref_values) <= 1e-6
+    out["topk"] = dict(value=_err(values, ref_values), ids_valid=ids_valid,
+                       value_tol=_value_tol(ref_values), sorted=bool((values[..., :-1] >= values[..., 1:]).all()),
+                       requires_grad=values.requires_grad)
+    return out
+
+
+def _megatron_ce_errors(rank, tp, group):
+    """-logprobs_at(one id) against megatron's vocab_parallel_cross_entropy (values and grads)."""
+    from megatron.core import tensor_parallel
+
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(4, 3, 32 * tp, generator=gen) * 4
+    target = torch.randint(0, 32 * tp, (4, 3), generator=gen)
+    weight = torch.randn(4, 3, generator=gen)
+    ours_in, theirs_in = _shard_of(full, rank, tp), _shard_of(full, rank, tp)
+    ours = -vp.logprobs_at(ours_in, target, group, chunk_size=5)
+    theirs = tensor_parallel.vocab_parallel_cross_entropy(theirs_in.clone(), target)  # it edits its input
+    (ours * weight).sum().backward()
+    (theirs * weight).sum().backward()
+    return dict(value=_err(ours, theirs), grad=_err(ours_in.grad, theirs_in.grad))
+
+
+def _lsm_errors(rank, tp, group):
+    """topk_lsm_loss_parallel against losses.topk_lsm_loss on the unsharded float64 logits."""
+    from megatron_bpd.losses import topk_lsm_loss
+
+    gen = torch.Generator().manual_seed(9)
+    vocab, n, k = 90, 7, 4
+    full = torch.randn(n, 128, generator=gen) * 3  # padded vocabulary
+    support = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    teacher = torch.log_softmax(torch.randn(n, k, generator=gen), -1)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0])
+    gates = torch.rand(n, generator=gen) + 0.5
+    shard = _shard_of(full, rank, tp)
+    loss, metrics = vp.topk_lsm_loss_parallel(shard, support, teacher, mask, group, vocab_size=vocab, gates=gates)
+    loss.backward()
+    ref_full = full.double().requires_grad_()
+    ref_loss, ref_metrics = topk_lsm_loss(ref_full.gather(-1, support), teacher.double(), mask, gates=gates)
+    ref_loss.backward()
+    local = full.shape[-1] // tp
+    return dict(value=abs(loss.item() - ref_loss.item()), grad=_err(shard.grad, ref_full.grad[:, rank * local:][:, :local]),
+                kl=abs(metrics["support_kl"].item() - ref_metrics["support_kl"].item()))
+
+
+def _padding_ids_error(rank, tp, group):
+    shard = torch.zeros(2, 1024 // tp)
+    try:
+        vp.logprobs_at(shard, torch.tensor([3, 1010]), group, vocab_size=1000)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _run_cases(rank, world_size):
+    """Every case at TP 1, 2 and 4 in the same 4 processes (the model-parallel state is rebuilt per TP)."""
+    from megatron.core import parallel_state
+
+    from megatron_bpd import parallel
+
+    by_tp = {}
+    for tp in TP_SIZES:
+        parallel.initialize(tp=tp, seed=1)
+        group = parallel_state.get_tensor_model_parallel_group()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        results = {name: _case_errors(case, tp_rank, tp, group) for name, case in CASES.items()}
+        results["megatron_ce"] = _megatron_ce_errors(tp_rank, tp, group)
+        results["lsm"] = _lsm_errors(tp_rank, tp, group)
+        results["padding_ids"] = _padding_ids_error(tp_rank, tp, group)
+        by_tp[tp] = results
+    parallel.destroy()
+    return by_tp
+
+
+TP_SIZES = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def all_results():
+    return run_distributed(_run_cases, max(TP_SIZES))
+
+
+@pytest.fixture(params=TP_SIZES, ids=lambda tp: f"tp{tp}")
+def results(request, all_results):
+    """(tp, [results of each of the 4 ranks at that TP])."""
+    return request.param, [by_tp[request.param] for by_tp in all_results]
+
+
+# --------------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("op", ["logprobs_at", "entropy", "gather_at"])
+def test_differentiable_ops_match_reference(results, case, op):
+    tp, per_rank = results
+    for rank, res in enumerate(per_rank):
+        r = res[case][op]
+        assert r["dtype"] == torch.float32
+        assert r["value"] <= r["value_tol"], f"tp{tp} rank {rank} {case} {op} value error {r['value']}"
+        assert r["grad"] <= r["grad_tol"], f"tp{tp} rank {rank} {case} {op} grad error {r['grad']}"
+        assert r["pad_grad_zero"], f"tp{tp} rank {rank} {case} {op}: gradient on padded columns"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_topk_matches_reference(results, case):
+    tp, per_rank = results
+    for rank, res in enumerate(per_rank):
+        r = res[case]["topk"]
+        assert r["ids_valid"], f"tp{tp} rank {rank} {case}: top-k ids are not a top-k of the reference"
+        assert r["value"] <= r["value_tol"] and r["sorted"] and not r["requires_grad"], r
+
+
+def test_logprobs_at_equals_megatron_cross_entropy(results):
+    tp, per_rank = results
+    for res in per_rank:
+        assert res["megatron_ce"]["value"] <= 2e-6 and res["megatron_ce"]["grad"] <= 2e-7, res["megatron_ce"]
+
+
+def test_lsm_entry_point_matches_single_process_loss(results):
+    tp, per_rank = results
+    for res in per_rank:
+        assert res["lsm"]["value"] <= 1e-6 and res["lsm"]["grad"] <= 1e-7 and res["lsm"]["kl"] <= 1e-6, res["lsm"]
+
+
+def test_ids_in_padding_rejected_on_every_rank(results):
+    tp, per_rank = results
+    for res in per_rank:
+        message = res["padding_ids"]
+        assert message is not None and "1010" in message and "[0, 1000)" in message, message
+
+
+# ------------------------------------------------------------------------------------- single-process errors
+def test_argument_errors():
+    logits = torch.zeros(3, 8)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 8\) \(padding or invalid\): \[-1, 9\]"):
+        vp.logprobs_at(logits, torch.tensor([-1, 9, 2]), None)
+    with pytest.raises(ValueError, match="do not match logits"):
+        vp.logprobs_at(logits, torch.zeros(4, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="integer"):
+        vp.gather_at(logits, torch.zeros(3), None)
+    with pytest.raises(ValueError, match="vocab_size 9 does not fit"):
+        vp.entropy(logits, None, vocab_size=9)
+    with pytest.raises(ValueError, match="temperature"):
+        vp.entropy(logits, None, temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        vp.entropy(logits, None, chunk_size=0)
+    with pytest.raises(ValueError, match="k must be"):
+        vp.topk(logits, 9, None)
+
+
+def test_chunking_keeps_inputs_untouched_and_gives_same_result():
+    logits = torch.randn(11, 40) * 5
+    before = logits.clone()
+    ids = torch.randint(0, 40, (11,))
+    a = vp.logprobs_at(logits, ids, None, chunk_size=1)
+    b = vp.logprobs_at(logits, ids, None, chunk_size=1000)
+    assert torch.equal(logits, before) and (a - b).abs().max() <= 1e-6
