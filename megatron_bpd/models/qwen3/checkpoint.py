@@ -88,7 +88,8 @@ def iter_hf_weights(model):
 
     A collective over this rank's TP x PP group: every member must iterate to the end and gets the same
     tensors (gathered over TP by the owning stage, broadcast over PP). Vocab padding is stripped, qkv and fc1
-    are split back. Tensors keep the model's dtype and device.
+    are split back. Tensors come in the model's ``params_dtype`` (megatron's local torch norms are float32 in a
+    bfloat16 model) on its device.
     """
     from megatron.core import parallel_state as ps
 
@@ -97,7 +98,7 @@ def iter_hf_weights(model):
     params = global_parameters(model)
     _, tp = _tp()
     stages, pp_rank = _stage_layers(model), ps.get_pipeline_model_parallel_rank()
-    ref = next(iter(params.values()))
+    dtype, device = model.config.params_dtype, next(iter(params.values())).device
     shapes = hf_shapes(info.arch)
     for tm in tensor_maps(info.arch, info.te):
         if tm.tied:
@@ -111,9 +112,9 @@ def iter_hf_weights(model):
             shards = [torch.empty_like(shard) for _ in range(tp)] if tp > 1 else [shard]
             if tp > 1:
                 dist.all_gather(shards, shard, group=ps.get_tensor_model_parallel_group())
-            tensors = hf_tensors(tm, info.arch, shards)
+            tensors = {name: t.to(dtype) for name, t in hf_tensors(tm, info.arch, shards).items()}
         else:
-            tensors = {name: torch.empty(shapes[name], dtype=ref.dtype, device=ref.device) for name in tm.hf}
+            tensors = {name: torch.empty(shapes[name], dtype=dtype, device=device) for name in tm.hf}
         for name, tensor in tensors.items():
             if len(stages) > 1:
                 tensor = tensor.contiguous()
@@ -138,7 +139,7 @@ def save_hf_checkpoint(model, out_dir: "str | Path", side_files_from: "str | Pat
         return
     writer.close()
     config = dict(info.arch.hf)
-    dtype = str(next(unwrap(model).parameters()).dtype).removeprefix("torch.")
+    dtype = str(unwrap(model).config.params_dtype).removeprefix("torch.")
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
     (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if side_files_from is not None:
@@ -165,7 +166,7 @@ def save_megatron_checkpoint(model, ckpt_dir: "str | Path", hf_dir: "str | Path 
         if hf_dir is not None:
             copy_side_files(hf_dir, side)
         meta = {"model": "qwen3", "transformer_impl": "transformer_engine" if info.te else "local",
-                "padded_vocab_size": info.padded_vocab_size, "dtype": str(info.arch.dtype).removeprefix("torch.")}
+                "padded_vocab_size": info.padded_vocab_size, "dtype": str(base.config.params_dtype).removeprefix("torch.")}
         (ckpt_dir / SIDECAR).write_text(json.dumps(meta, indent=2) + "\n")
     if dist.is_initialized():
         dist.barrier()
