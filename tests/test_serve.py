@@ -257,3 +257,34 @@ def test_health_is_503_until_loaded(model_dir):
         await runner.cleanup()
         return before, gen_before, after
     assert asyncio.run(scenario()) == (503, 503, 200)
+
+
+def test_engine_failure_aborts_requests_and_keeps_serving(model_dir):
+    """A failing forward pass fails the requests in flight (abort, status 500) and the engine serves the next."""
+    from megatron_bpd.rollout.protocol import SamplingParams
+    from megatron_bpd.serve.engine import Engine, Sequence
+    from megatron_bpd.serve.sampling import SamplingRow
+    from megatron_bpd.serve.weights import load_model
+
+    engine = Engine(lambda: load_model(str(model_dir)))
+    engine.start()
+    assert engine.loaded.wait(60)
+    done = {}
+
+    def submit(name):
+        event = threading.Event()
+        seq = Sequence(rid=name, request_rid=name, prompt=PROMPT, params=SamplingParams(max_new_tokens=4),
+                       sampling=SamplingRow(1.0, 1.0, -1, torch.Generator().manual_seed(0)),
+                       notify=lambda s, n: (done.__setitem__(name, s), event.set()) if s.finish else None)
+        engine.submit([[seq]])
+        assert event.wait(30)
+        return done[name]
+
+    forward = engine.runner.forward
+    engine.runner.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    failed = submit("bad")
+    assert failed.finish["type"] == "abort" and failed.finish["status_code"] == 500 and "boom" in failed.finish["message"]
+    engine.runner.forward = forward
+    ok = submit("good")
+    assert ok.finish["type"] == "length" and len(ok.output_ids) == 4
+    engine.stop()

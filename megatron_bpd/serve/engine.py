@@ -124,10 +124,16 @@ class Engine:
                 return
             if self.paused:
                 continue
-            if self._waiting and len(self._running) < self.max_running:
-                self._admit()
-            if self._running:
-                self._step()
+            try:
+                if self._waiting and len(self._running) < self.max_running:
+                    self._admit()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+                log.exception("engine iteration failed")
+                self._abort(None, f"internal error: {type(exc).__name__}: {exc}", status_code=500)
+                self._cache = self._next_logits = None
+                self._running = []
 
     def _drain(self, block: bool) -> bool:
         """Run queued commands (waiting for one when ``block``); False once stop() was called."""
@@ -145,11 +151,12 @@ class Engine:
                 return True
 
     def _admit(self) -> None:
-        groups, rows = [], len(self._running)
-        while self._waiting and (not groups or rows + len(self._waiting[0]) <= self.max_running):
-            group = self._waiting.popleft()
-            groups.append(group)
-            rows += len(group)
+        """Prefill waiting groups in one batch; they leave the queue only once the prefill succeeded."""
+        count, rows = 0, len(self._running)
+        while count < len(self._waiting) and (count == 0 or rows + len(self._waiting[count]) <= self.max_running):
+            rows += len(self._waiting[count])
+            count += 1
+        groups = [self._waiting[i] for i in range(count)]
         lens = torch.tensor([len(g[0].prompt) for g in groups])
         tokens = torch.zeros(len(groups), int(lens.max()), dtype=torch.int64)
         for i, g in enumerate(groups):
@@ -157,6 +164,8 @@ class Engine:
         all_logits = any(seq.wants_input_logprobs for g in groups for seq in g)
         cache = self.runner.new_cache(len(groups))
         logits = self.runner.forward(cache, tokens, lens, all_logits=all_logits)
+        for _ in groups:
+            self._waiting.popleft()
         keep_rows, joined = [], []
         for i, group in enumerate(groups):
             if any(seq.wants_input_logprobs for seq in group):
@@ -231,14 +240,14 @@ class Engine:
         self.num_finished += 1
         seq.notify(seq, len(seq.output_ids))
 
-    def _abort(self, rid: str | None, message: str) -> None:
-        match = lambda seq: rid is None or seq.request_rid == rid  # noqa: E731
-        reason = {"type": "abort", "message": message, "status_code": 200, "err_type": None}
+    def _abort(self, rid: str | None, message: str, status_code: int = 200) -> None:
+        match = lambda seq: (rid is None or seq.request_rid == rid) and seq.finish is None  # noqa: E731
+        reason = {"type": "abort", "message": message, "status_code": status_code, "err_type": None}
         for group in [g for g in self._waiting if match(g[0])]:
             self._waiting.remove(group)
             for seq in group:
                 self._finish(seq, reason)
-        keep = [b for b, seq in enumerate(self._running) if not match(seq)]
+        keep = [b for b, seq in enumerate(self._running) if seq.finish is None and not match(seq)]
         for seq in self._running:
             if match(seq):
                 self._finish(seq, reason)

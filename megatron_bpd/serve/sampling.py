@@ -40,6 +40,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor,
 def filtered_probs(logprobs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """[V] -> probabilities restricted to the top_k most likely tokens and to the smallest prefix (by descending
     probability) whose mass reaches top_p, renormalized."""
+    if top_k <= 0 and top_p >= 1.0:
+        return logprobs.exp()
     probs, order = torch.sort(logprobs.exp(), descending=True)
     keep = torch.ones_like(probs, dtype=torch.bool)
     if top_k > 0:
