@@ -3,7 +3,8 @@
 megatron-core calls a few CUDA-only functions even for CPU tensors: ``torch.cuda.current_device()`` (rotary
 ``inv_freq``, ``GlobalMemoryBuffer``), ``torch.cuda.synchronize()`` (p2p, dist-checkpoint saving), literal
 ``device="cuda"`` keywords (default causal mask, zeros in pipeline schedules), ``torch.cuda.current_stream()``
-(DDP's gradient buckets wait on it) and the CUDA RNG tracker's ``fork``.
+(DDP's gradient buckets wait on it), the CUDA RNG tracker's ``fork``, and the optimizer's gradient clipping,
+which asserts CUDA tensors (replaced by the same scaling, ``grad *= min(1, max_norm / (total_norm + 1e-6))``).
 The shim redirects exactly those to the CPU. It is applied only when no CUDA device exists and never on a GPU.
 """
 
@@ -37,6 +38,17 @@ class _CudaDeviceToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@torch.no_grad()
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32 for CPU tensors (same arithmetic)."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    coeff = torch.as_tensor(max_norm / (total_norm + 1.0e-6)).clamp(max=1.0)
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is not None:
+            grad.mul_(coeff.to(grad.dtype))
+
+
 def apply_cpu_shim(seed: int) -> bool:
     """Apply the shim once if CUDA is unavailable; returns whether the process runs under it.
 
@@ -51,6 +63,9 @@ def apply_cpu_shim(seed: int) -> bool:
         torch.cuda.synchronize = lambda device=None: None
         torch.cuda.current_stream = lambda device=None: _NullStream()
         _CudaDeviceToCpu().__enter__()  # process-wide: megatron creates CUDA tensors at arbitrary call sites
+        from megatron.core.optimizer import optimizer
+
+        optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
         _applied = True
     from megatron.core import tensor_parallel
 

@@ -13,9 +13,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..gating import GateConfig, gates_for_segments
-from ..losses import sampled_token_opd_loss, topk_lsm_loss
+from ..losses import sampled_token_opd_loss
 from ..parallel.context_parallel import group_sum
-from ..vocab_parallel import gather_at, logprobs_at
+from ..vocab_parallel import logprobs_at, topk_lsm_loss_parallel
 from .batch import MicroBatch
 
 LOSSES = ("sampled_token", "topk_lsm")
@@ -57,14 +57,19 @@ def opd_loss(logits: torch.Tensor, batch: MicroBatch, config: LossConfig, num_to
             raise ValueError("the sampled_token loss needs MicroBatch.teacher_logprobs")
         loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, batch.loss_mask,
                                                gates, config.clip_eps, config.adv_clip, num_tokens=num_tokens)
+        if batch.teacher_topk_ids is not None:  # logged: how far the student is from the teacher on its support
+            with torch.no_grad():
+                metrics["support_kl"] = topk_lsm_loss_parallel(
+                    logits.detach(), batch.teacher_topk_ids, batch.teacher_topk_logprobs, batch.loss_mask, tp_group,
+                    vocab_size=config.vocab_size, log_ratio_clip=config.log_ratio_clip)[1]["support_kl"]
     else:
         if batch.teacher_topk_ids is None or batch.teacher_topk_logprobs is None:
             raise ValueError("the topk_lsm loss needs MicroBatch.teacher_topk_ids and teacher_topk_logprobs")
-        student = gather_at(logits, batch.teacher_topk_ids, tp_group, vocab_size=config.vocab_size)
-        if config.temperature != 1.0:
-            student = student / config.temperature
-        loss, metrics = topk_lsm_loss(student, batch.teacher_topk_logprobs, batch.loss_mask, gates,
-                                      config.log_ratio_clip, num_tokens=num_tokens)
+        # Both sides of the support at temperature 1: the teacher's prefill log-probs are, and LSM matches the
+        # renormalized distributions (``temperature`` only rescales the sampled-token log-probs).
+        loss, metrics = topk_lsm_loss_parallel(logits, batch.teacher_topk_ids, batch.teacher_topk_logprobs,
+                                               batch.loss_mask, tp_group, vocab_size=config.vocab_size, gates=gates,
+                                               log_ratio_clip=config.log_ratio_clip, num_tokens=num_tokens)
     metrics.update({k: v for k, v in gate_stats.items() if v.dim() == 0})
     metrics.update(normalizer_terms=gate_stats["normalizer_terms"], gates=gates)
     return loss, metrics

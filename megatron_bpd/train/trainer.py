@@ -1,0 +1,413 @@
+"""The distillation loop. One step:
+
+    prompts -> rollouts (n per prompt, SGLang protocol) -> teacher scores -> old log-probs
+    -> for each reuse epoch and mini-batch: forward_backward_func with the gated loss -> optimizer step
+    -> push the weights to the rollout servers -> metrics (and a checkpoint every N steps).
+
+Rank 0 talks to the servers and broadcasts each rollout to every rank; every rank builds the same micro-batches
+and takes its data-parallel share. The loss runs on the last pipeline stage from vocab-parallel logits.
+"""
+
+import asyncio
+import dataclasses
+import random
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from .. import parallel
+from ..rollout.client import ClientConfig, SGLangClient
+from ..rollout.protocol import SamplingParams
+from ..rollout.rollout import RolloutConfig, generate_rollout
+from ..rollout.teacher import SGLangTeacher
+from ..rollout.types import TeacherScores
+from ..rollout.weight_sync import DiskWeightSync
+from ..vocab_parallel import logprobs_at, topk
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import PromptDataset
+from .forward_step import make_forward_step
+from .metrics import MetricSums, MetricsLog
+from .rollout_data import RolloutData, micro_batch, newline_token_ids, padded_length, response_slices
+from .scoring import forward_only, gather_cp
+from .setup import wrap_for_training, zero_grads
+
+UPDATE_METRICS = ["loss", "pg_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min", "gate_max", "gate_std",
+                  "frac_gate_below_half", "drift_mean", "drift_abs_mean", "segment_drift_abs_mean", "grad_norm"]
+ROLLOUT_METRICS = ["rollout_train_mismatch"]
+
+
+class Trainer:
+    """``Trainer(config).run()``: the whole run on this rank (call under torchrun, or as one plain process)."""
+
+    def __init__(self, config: TrainConfig):
+        from transformers import AutoTokenizer
+
+        from ..models.qwen3 import build_model, load_hf_weights
+        from ..models.qwen3.checkpoint import load_megatron_checkpoint
+        from ..models.qwen3.config import Qwen3Arch
+
+        c = self.config = config
+        if c.loss.kind == "sampled_token" and c.loss.temperature != c.rollout.temperature:
+            raise ValueError(f"loss.temperature={c.loss.temperature} must equal rollout.temperature="
+                             f"{c.rollout.temperature}: behavior log-probs are at the rollout temperature")
+        parallel.initialize(tp=c.parallel.tp, pp=c.parallel.pp, cp=c.parallel.cp, seed=c.seed)
+        self.rank, self.main = dist.get_rank(), dist.get_rank() == 0
+        self.out = Path(c.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_batch_layout()
+        self.tokenizer = AutoTokenizer.from_pretrained(c.model.student)
+        self.vocab_size = Qwen3Arch.from_hf(c.model.student).vocab_size
+        self.loss_config = dataclasses.replace(c.loss, vocab_size=self.vocab_size)
+        self.model = build_model(c.model.student)
+        if c.model.student_megatron_checkpoint:
+            load_megatron_checkpoint(self.model, c.model.student_megatron_checkpoint)
+        else:
+            load_hf_weights(self.model, c.model.student, progress=self.main)
+        self.ddp, self.optimizer = wrap_for_training(self.model, c.optimizer)
+        self.teacher_model = None
+        if c.teacher.source == "megatron":
+            self.teacher_model = build_model(c.teacher.model)
+            load_hf_weights(self.teacher_model, c.teacher.model, progress=self.main)
+            self.teacher_model.eval()
+        self.dataset = PromptDataset(c.data.prompts, self.tokenizer, c.data.prompt_template,
+                                     c.data.apply_chat_template, c.data.max_prompt_len, c.seed, c.data.shuffle)
+        self.newline_ids = newline_token_ids(self.tokenizer) if c.loss.gate.granularity == "span" else []
+        self.mask_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in c.rollout.mask_special_tokens]
+        self.checker = answer_checker(c.data.answer_checker)
+        self.step, self.weight_version = 0, 0
+        resume = latest_checkpoint(c.checkpoint.dir) if c.checkpoint.resume else None
+        if resume is not None:
+            state = load_checkpoint(resume, self.ddp, self.optimizer)
+            self.step, self.weight_version = state["step"] + 1, state["weight_version"]
+            self.dataset.load_state(state["data"])
+        self.servers = ServerSet(c, self.out) if self.main else None
+        if self.main:
+            print(f"[megatron-bpd] config:\n{c.describe()}" + (f"[megatron-bpd] resumed from {resume}\n" if resume
+                                                               else ""), flush=True)
+
+    def _check_batch_layout(self):
+        c = self.config
+        dp = ps.get_data_parallel_world_size()
+        total = c.rollout.prompts_per_step * c.rollout.samples_per_prompt
+        per_update = c.reuse.minibatches * dp * c.reuse.micro_batch_size
+        if total % per_update:
+            raise ValueError(f"{total} trajectories per step (rollout.prompts_per_step x samples_per_prompt) must be "
+                             f"divisible by reuse.minibatches x DP x reuse.micro_batch_size = {c.reuse.minibatches} x "
+                             f"{dp} x {c.reuse.micro_batch_size}")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        c = self.config
+        log = MetricsLog(self.out, c.steps, self.step) if self.main else None
+        try:
+            self._sync_weights()  # the servers start from the initial weights; a resumed run pushes its own
+            while self.step < c.steps:
+                record = self.train_step()
+                if log is not None:
+                    log.write(record)
+                every = c.checkpoint.every
+                if c.checkpoint.dir and ((every and (self.step + 1) % every == 0) or self.step + 1 == c.steps):
+                    save_checkpoint(c.checkpoint.dir, self.step, self.ddp, self.optimizer,
+                                    {"data": self.dataset.state(), "weight_version": self.weight_version})
+                self.step += 1
+        finally:
+            if log is not None:
+                log.close()
+            if self.servers is not None:
+                self.servers.stop()
+
+    def train_step(self) -> dict:
+        c, timings = self.config, {}
+        clock = time.perf_counter()
+        prompts = self.dataset.next_batch(c.rollout.prompts_per_step)
+        payload = [None]
+        if self.main:
+            payload = [self.servers.call(lambda client, teacher: self._rollout(client, teacher, prompts))]
+        dist.broadcast_object_list(payload, src=0)
+        trajectories, teacher_scores = payload[0]
+        data = RolloutData(trajectories, teacher_scores)
+        timings["time_rollout"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        sums = MetricSums()
+        if self.teacher_model is not None:
+            data.teacher = self._megatron_teacher_scores(data)
+        self._old_logprobs(data, sums)
+        timings["time_score"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        order_rng = random.Random(c.seed * 100003 + self.step)
+        for _ in range(c.reuse.epochs):
+            order = list(range(len(trajectories)))
+            order_rng.shuffle(order)
+            size = len(order) // c.reuse.minibatches
+            for m in range(c.reuse.minibatches):
+                self._update(data, sorted(order[m * size:(m + 1) * size]), sums)
+        timings["time_train"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        self._sync_weights()
+        timings["time_weight_sync"] = time.perf_counter() - clock
+
+        record = {"step": self.step, **sums.reduce(UPDATE_METRICS + ROLLOUT_METRICS)}
+        if "frac_gate_below_half" in record:
+            record["gate_frac_below_half"] = record.pop("frac_gate_below_half")
+        if self.main:
+            record.update(self._rollout_stats(prompts, trajectories))
+            train_tokens = sum(sum(m) for m in trajectories.loss_mask)
+            record["tokens_per_s"] = train_tokens * c.reuse.epochs / max(timings["time_train"], 1e-9)
+        record.update(timings)
+        return record
+
+    # ------------------------------------------------------------------ phases
+
+    async def _rollout(self, client: SGLangClient, teacher_client: Optional[SGLangClient], prompts):
+        c = self.config.rollout
+        config = RolloutConfig(
+            n_samples=c.samples_per_prompt,
+            sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                    max_new_tokens=c.max_new_tokens, stop_token_ids=list(c.stop_token_ids) or None),
+            seed=self.config.seed * 1000003 + self.step * 10007, mask_token_ids=self.mask_ids)
+        trajectories = await generate_rollout(client, [p.token_ids for p in prompts], config)
+        scores = None
+        if teacher_client is not None:
+            scores = await SGLangTeacher(teacher_client, self.config.teacher.top_k).score(trajectories)
+        return trajectories, scores
+
+    def _micro_batches(self, data: RolloutData, rows: List[int], with_old: bool = True):
+        """(this DP rank's CP-split micro-batches of ``rows``, padded length)."""
+        c = self.config
+        multiple = 2 * c.parallel.cp if c.parallel.cp > 1 else 1
+        seq_len = padded_length(data, rows, multiple)
+        mine = rows[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
+        size = c.reuse.micro_batch_size
+        batches = [micro_batch(data, mine[i:i + size], seq_len, self.loss_config.gate, pad_id=self._pad_id(),
+                               newline_ids=self.newline_ids, with_old=with_old)
+                   .split_for_cp(c.parallel.cp, ps.get_context_parallel_rank()) for i in range(0, len(mine), size)]
+        return mine, batches, seq_len
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _score(self, model, data: RolloutData, fn) -> Dict[int, Dict[str, torch.Tensor]]:
+        """Per trajectory: ``fn``'s per-position outputs cut to the response, every trajectory on every last-stage
+        rank (each DP rank scores its share, then the shares are exchanged); other stages get {}."""
+        rows = list(range(len(data.trajectories)))
+        mine, batches, seq_len = self._micro_batches(data, rows, with_old=False)
+        outputs = forward_only(model, batches, fn, seq_len)
+        size = self.config.reuse.micro_batch_size
+        scores = {}
+        for i, out in enumerate(outputs):
+            chunk = mine[i * size:(i + 1) * size]
+            for key, value in out.items():
+                for b, piece in zip(chunk, response_slices(data, chunk, gather_cp(value, seq_len))):
+                    scores.setdefault(b, {})[key] = piece
+        if not ps.is_pipeline_last_stage():
+            return {}
+        parts = [None] * ps.get_data_parallel_world_size()
+        dist.all_gather_object(parts, scores, group=ps.get_data_parallel_group())
+        return {b: s for part in parts for b, s in part.items()}
+
+    def _old_logprobs(self, data: RolloutData, sums: MetricSums) -> None:
+        behavior = {b: torch.tensor(lp) for b, lp in enumerate(data.trajectories.behavior_logprobs)}
+        if self.config.reuse.old_logprobs == "rollout":
+            data.old_logprobs = behavior
+            return
+        tp_group, temperature = ps.get_tensor_model_parallel_group(), self.config.rollout.temperature
+        fn = lambda logits, batch: {"lp": logprobs_at(logits, batch.labels, tp_group, temperature,  # noqa: E731
+                                                      self.vocab_size)}
+        scores = self._score(self.model, data, fn)
+        data.old_logprobs = {b: s["lp"] for b, s in scores.items()}
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+            for b, lp in data.old_logprobs.items():
+                mask = data.response_mask(b)
+                if mask.any():
+                    sums.add("rollout_train_mismatch", (lp - behavior[b])[mask].abs().mean().item(), mask.sum().item())
+
+    def _megatron_teacher_scores(self, data: RolloutData) -> Optional[TeacherScores]:
+        """The in-trainer teacher's log-probs of the sampled tokens and its top-K (on the last stage)."""
+        tp_group, k = ps.get_tensor_model_parallel_group(), self.config.teacher.top_k
+
+        def fn(logits, batch):
+            values, ids = topk(logits, k, tp_group, vocab_size=self.vocab_size)
+            return {"lp": logprobs_at(logits, batch.labels, tp_group, 1.0, self.vocab_size), "ids": ids, "top": values}
+
+        scores = self._score(self.teacher_model, data, fn)
+        if not ps.is_pipeline_last_stage():
+            return None
+        n = len(data.trajectories)
+        return TeacherScores([scores[b]["lp"] for b in range(n)], [scores[b]["ids"] for b in range(n)],
+                             [scores[b]["top"] for b in range(n)])
+
+    def _update(self, data: RolloutData, rows: List[int], sums: MetricSums) -> None:
+        """One optimizer step on the trajectories ``rows`` (a mini-batch of the reuse schedule)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if data.teacher is None and ps.is_pipeline_last_stage():
+            raise ValueError("no teacher scores: teacher.source must be 'sglang' or 'megatron'")
+        mine, batches, seq_len = self._micro_batches(data, rows, with_old=ps.is_pipeline_last_stage())
+        num_tokens = data.num_tokens(rows)
+        normalizer = self._global_normalizer(batches, num_tokens, seq_len) \
+            if self.loss_config.gate.scope == "global" else None
+        zero_grads(self.ddp, self.optimizer)
+        forward_step = make_forward_step(self.loss_config, num_tokens, len(batches), normalizer)
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[self.ddp],
+            num_microbatches=len(batches), seq_length=seq_len, micro_batch_size=self.config.reuse.micro_batch_size,
+            forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok:
+            raise FloatingPointError(f"step {self.step}: the optimizer skipped the update (non-finite gradients)")
+        if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
+            return
+        loss = sum(o["loss"].item() for o in outputs)
+        if ps.get_context_parallel_rank() == 0:
+            sums.add("grad_norm", float(grad_norm or 0.0), 1.0 / ps.get_data_parallel_world_size())
+            for out, batch in zip(outputs, batches):
+                for key in UPDATE_METRICS[1:-1]:
+                    if key in out:
+                        sums.add(key, out[key].item(), float(batch.loss_mask.sum()))
+        # The update's loss is the sum over micro-batches, DP and CP ranks; with weight 1/(DP*CP) per rank the mean
+        # over updates of these sums comes out of the weighted mean.
+        shares = ps.get_data_parallel_world_size() * ps.get_context_parallel_world_size()
+        sums.add("loss", loss * shares, 1.0 / shares)
+
+    def _global_normalizer(self, batches, num_tokens, seq_len) -> torch.Tensor:
+        """Gate normalizer terms of the whole mini-batch (scope "global"): one no-grad forward of every micro-batch,
+        summed over micro-batches and DP ranks."""
+        from ..gating import gates_for_segments
+        from ..parallel.context_parallel import group_sum
+
+        tp_group, cp_group = ps.get_tensor_model_parallel_group(), ps.get_context_parallel_group()
+        raw = dataclasses.replace(self.loss_config.gate, normalize=False)
+
+        def fn(logits, batch):
+            cur = logprobs_at(logits, batch.labels, tp_group, self.loss_config.temperature, self.vocab_size)
+            _, stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan, raw,
+                                          reduce=group_sum(cp_group))
+            return {"terms": stats["normalizer_terms"]}
+
+        terms = torch.zeros(2, dtype=torch.float64)
+        for out in forward_only(self.model, batches, fn, seq_len):
+            terms += out["terms"]
+        dist.all_reduce(terms, group=ps.get_data_parallel_group())
+        return terms
+
+    def _sync_weights(self) -> None:
+        """Gather the full weights (a collective over each model-parallel group) and push them to the servers."""
+        from ..models.qwen3 import iter_hf_weights
+
+        weights = [(name, tensor.detach().cpu().clone()) if self.main else None
+                   for name, tensor in iter_hf_weights(self.model)]
+        self.weight_version += 1
+        if self.main:
+            version = str(self.weight_version)
+            self.servers.call(lambda client, _: self.servers.weight_sync(client).update(weights, version),
+                              teacher=False)
+
+    def _rollout_stats(self, prompts, trajectories) -> dict:
+        lengths = [len(r) for r in trajectories.response_ids]
+        stats = {"response_length": sum(lengths) / max(len(lengths), 1),
+                 "truncated_fraction": sum(f == "length" for f in trajectories.finish_reason) / len(lengths),
+                 "aborted_fraction": sum(f == "abort" for f in trajectories.finish_reason) / len(lengths)}
+        if self.checker is not None:
+            answers = [prompts[i].answer for i in trajectories.prompt_index]
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in trajectories.response_ids]
+            scored = [self.checker(t, a) for t, a in zip(texts, answers) if a is not None]
+            stats["solve_rate"] = sum(scored) / len(scored) if scored else float("nan")
+        return stats
+
+
+def answer_checker(name: str):
+    """``check(response_text, answer) -> bool`` by name: "math" (math-verify on the last \\boxed{}),
+    "arithmetic" (the synthetic task's exact checker), or "none"."""
+    if name == "none":
+        return None
+    if name == "math":
+        from ..eval.answers import is_correct
+
+        return is_correct
+    if name == "arithmetic":
+        from ..tasks.arithmetic import check
+
+        return check
+    raise ValueError(f"data.answer_checker must be 'math', 'arithmetic' or 'none', got {name!r}")
+
+
+class ServerSet:
+    """Rank 0's view of the student rollout servers and the teacher servers (started here when "embedded")."""
+
+    def __init__(self, config: TrainConfig, out: Path):
+        from ..serve.launch import EmbeddedServer
+
+        self.config, self.out = config, out
+        self.embedded: List[EmbeddedServer] = []
+        self.student_urls = self._urls(config.rollout.servers, config.model.student, config.rollout.embedded_servers)
+        self.teacher_urls = None
+        if config.teacher.source == "sglang":
+            self.teacher_urls = self._urls(config.teacher.servers, config.teacher.model, 1)
+        self.weights_dir = out / "weights"
+
+    def _urls(self, servers: List[str], model: str, count: int) -> List[str]:
+        from ..serve.launch import EmbeddedServer
+
+        if list(servers) != ["embedded"]:
+            return list(servers)
+        started = [EmbeddedServer(model, self.out / "logs").start() for _ in range(count)]
+        self.embedded += started
+        return [s.url for s in started]
+
+    def _client(self, urls) -> SGLangClient:
+        r = self.config.rollout
+        return SGLangClient(ClientConfig(urls=urls, max_concurrency=r.max_concurrency,
+                                         request_timeout_s=r.request_timeout_s))
+
+    def weight_sync(self, client: SGLangClient) -> DiskWeightSync:
+        return DiskWeightSync(client, self.weights_dir, self.config.model.student)
+
+    def call(self, fn, teacher: bool = True):
+        """``fn(student_client, teacher_client_or_None)`` in a fresh event loop; an embedded server that died is
+        restarted (with the newest exported weights) and the call is retried once."""
+        async def run():
+            async with self._client(self.student_urls) as student:
+                if teacher and self.teacher_urls is not None:
+                    async with self._client(self.teacher_urls) as teacher_client:
+                        return await fn(student, teacher_client)
+                return await fn(student, None)
+
+        try:
+            return asyncio.run(run())
+        except Exception:
+            if not self._restart_dead():
+                raise
+            return asyncio.run(run())
+
+    def _restart_dead(self) -> bool:
+        """Restart embedded servers whose process ended; True if any was restarted."""
+        from ..serve.launch import EmbeddedServer
+
+        restarted = False
+        for i, server in enumerate(self.embedded):
+            if server.proc is not None and server.proc.poll() is not None:
+                model = server.model
+                newest = sorted(self.weights_dir.glob("*"), key=lambda p: int(p.name)) if self.weights_dir.exists() \
+                    and server.url in self.student_urls else []
+                if newest:
+                    model = newest[-1]
+                replacement = EmbeddedServer(model, self.out / "logs").start()
+                for urls in (self.student_urls, self.teacher_urls or []):
+                    if server.url in urls:
+                        urls[urls.index(server.url)] = replacement.url
+                self.embedded[i] = replacement
+                restarted = True
+        return restarted
+
+    def stop(self) -> None:
+        for server in self.embedded:
+            server.stop()
