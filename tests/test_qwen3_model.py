@@ -62,7 +62,7 @@ def test_mapping_shards_invert(tp, tied):
     """megatron_shard over all TP ranks followed by hf_tensors gives back every HF tensor exactly once."""
     arch = Qwen3Arch.from_hf(dict(qwen3_hf_config("0.6B", tie_word_embeddings=tied), num_hidden_layers=2,
                                   vocab_size=1000, hidden_size=32, intermediate_size=48, head_dim=8,
-                                  num_attention_heads=8, num_key_value_heads=4))
+                                  num_attention_heads=8, num_key_value_heads=4, dtype="float32"))
     gen = torch.Generator().manual_seed(0)
     hf = {name: torch.randn(shape, generator=gen) for name, shape in hf_shapes(arch).items()}
     padded = arch.padded_vocab_size(tp)

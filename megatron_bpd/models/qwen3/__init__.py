@@ -20,13 +20,13 @@ from .checkpoint import (
     save_megatron_checkpoint,
 )
 from .config import SIZES, Qwen3Arch, qwen3_hf_config, read_hf_config, transformer_config
-from .mapping import TensorMap, hf_shapes, hf_tensors, megatron_shard, tensor_maps
+from .mapping import TensorMap, hf_shapes, hf_tensors, megatron_shard, shard_shape, tensor_maps
 from .model import Qwen3Info, build_model, global_parameters, unwrap
 
 __all__ = [
     "SIZES", "Qwen3Arch", "Qwen3Info", "TensorMap", "build_from_checkpoint", "build_model", "check_hf_checkpoint",
     "convert_hf_to_megatron", "export_megatron_to_hf", "global_parameters", "hf_shapes", "hf_tensors",
     "iter_hf_weights", "load_hf_weights", "load_megatron_checkpoint", "megatron_shard", "qwen3_hf_config",
-    "read_hf_config", "run_parallel", "save_hf_checkpoint", "save_megatron_checkpoint", "tensor_maps",
+    "read_hf_config", "run_parallel", "save_hf_checkpoint", "save_megatron_checkpoint", "shard_shape", "tensor_maps",
     "transformer_config", "unwrap",
 ]

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .config import Qwen3Arch
 from .hf_io import HFReader, HFWriter, copy_side_files
-from .mapping import hf_shapes, hf_tensors, megatron_shard, tensor_maps
+from .mapping import hf_shapes, hf_tensors, megatron_shard, shard_shape, tensor_maps
 from .model import build_model, global_parameters, unwrap
 
 SIDECAR = "megatron_bpd.json"  # in a converted checkpoint: model family, layer spec, padded vocab
@@ -37,8 +37,8 @@ def check_hf_checkpoint(reader: HFReader, arch: Qwen3Arch) -> None:
                          f"{hint}: {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
     for name, shape in expected.items():
         if reader.shape(name) != shape:
-            raise ValueError(f"shape mismatch: {name} is {list(reader.shape(name))} in {reader.dir / reader.files[name]}"
-                             f", its config.json implies {list(shape)}")
+            raise ValueError(f"shape mismatch: {name} is {list(reader.shape(name))} in "
+                             f"{reader.dir / reader.files[name]}, its config.json implies {list(shape)}")
 
 
 def _tp():
@@ -62,11 +62,12 @@ def load_hf_weights(model, hf_dir: "str | Path", progress: bool = True) -> None:
     params = global_parameters(model)
     maps = [tm for tm in tensor_maps(info.arch, info.te) if tm.megatron in params]
     for tm in tqdm(maps, desc="load HF weights", unit="tensor", disable=not (progress and _is_rank0())):
-        shard = megatron_shard(tm, info.arch, reader.read, tp_rank, tp, info.padded_vocab_size)
         param = params.pop(tm.megatron)
-        if shard.shape != param.shape:
-            raise ValueError(f"{tm.megatron}: built {list(shard.shape)} from {tm.hf}, the model has {list(param.shape)}")
-        param.copy_(shard)
+        shape = shard_shape(tm, info.arch, tp, info.padded_vocab_size)
+        if tuple(param.shape) != shape:
+            raise ValueError(f"{tm.megatron}: the mapping gives {list(shape)} from {tm.hf}, the model has "
+                             f"{list(param.shape)}")
+        megatron_shard(tm, info.arch, reader.read, tp_rank, tp, info.padded_vocab_size, out=param.data)
     if params:
         raise RuntimeError(f"parameters without an HF source (mapping out of date?): {sorted(params)}")
 
@@ -166,7 +167,8 @@ def save_megatron_checkpoint(model, ckpt_dir: "str | Path", hf_dir: "str | Path 
         if hf_dir is not None:
             copy_side_files(hf_dir, side)
         meta = {"model": "qwen3", "transformer_impl": "transformer_engine" if info.te else "local",
-                "padded_vocab_size": info.padded_vocab_size, "dtype": str(base.config.params_dtype).removeprefix("torch.")}
+                "padded_vocab_size": info.padded_vocab_size,
+                "dtype": str(base.config.params_dtype).removeprefix("torch.")}
         (ckpt_dir / SIDECAR).write_text(json.dumps(meta, indent=2) + "\n")
     if dist.is_initialized():
         dist.barrier()
@@ -232,8 +234,8 @@ def _spawned(rank: int, world: int, port: int, tp: int, pp: int, fn, args, kwarg
 
 
 def run_parallel(fn, tp: int, pp: int, *args, **kwargs) -> None:
-    """Run ``fn(*args, **kwargs)`` on every rank of a tp x pp layout: in place under torchrun, else on tp*pp spawned local
-    processes (gloo on CPU, one GPU each where there are enough)."""
+    """Run ``fn(*args, **kwargs)`` on every rank of a tp x pp layout: in place under torchrun, else on tp*pp spawned
+    local processes (gloo on CPU, one GPU each where there are enough)."""
     if "RANK" in os.environ:
         from megatron_bpd import parallel
 

@@ -99,7 +99,8 @@ class Qwen3Arch:
             num_kv_heads=kv_heads, head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             ffn_hidden_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=float(theta),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), max_position_embeddings=cfg.get("max_position_embeddings", 40960),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 40960),
             dtype=_DTYPES[dtype_name], hf=cfg,
         )
 

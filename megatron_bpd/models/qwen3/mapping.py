@@ -85,37 +85,52 @@ def hf_shapes(arch: Qwen3Arch) -> "dict[str, tuple]":
     return shapes
 
 
-def megatron_shard(tm: TensorMap, arch: Qwen3Arch, read: Reader, tp_rank: int, tp: int, padded_vocab: int):
-    """This TP rank's shard of Megatron parameter ``tm``, built from the HF tensors that ``read`` returns slices of.
+def shard_shape(tm: TensorMap, arch: Qwen3Arch, tp: int, padded_vocab: int) -> tuple:
+    """Shape of one TP rank's shard of ``tm``: vocab [Vp/tp, h]; qkv [(nh + 2 ng) hd / tp, h]; fc1 [2 ffn / tp, h];
+    row [n, m/tp]; replicated: the HF shape."""
+    shape = hf_shapes(arch)[tm.hf[0]]
+    rows = {"vocab": padded_vocab // tp, "fc1": 2 * shape[0] // tp,
+            "qkv": (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim // tp}
+    if tm.kind == "row":
+        return shape[0], shape[1] // tp
+    return (rows[tm.kind], shape[1]) if tm.kind in rows else shape
 
-    Shapes: vocab [Vp/tp, h]; qkv [(nh + 2 ng) hd / tp, h]; fc1 [2 ffn / tp, h]; row [n, m/tp].
-    """
-    first = tm.hf[0]
-    shape = hf_shapes(arch)[first]
+
+def megatron_shard(tm: TensorMap, arch: Qwen3Arch, read: Reader, tp_rank: int, tp: int, padded_vocab: int,
+                   out: "torch.Tensor | None" = None) -> torch.Tensor:
+    """This TP rank's shard of Megatron parameter ``tm`` (shape: ``shard_shape``), built from the HF tensors that
+    ``read`` returns slices of, written into ``out`` (e.g. the parameter itself: no extra copy) or a new tensor."""
+    if out is None:
+        out = torch.empty(shard_shape(tm, arch, tp, padded_vocab), dtype=arch.dtype)
+    first, shape = tm.hf[0], hf_shapes(arch)[tm.hf[0]]
 
     def chunk(name, dim, size):
         return read(name, dim, tp_rank * size // tp, (tp_rank + 1) * size // tp)
 
     if tm.kind == "replicated":
-        return read(first, 0, 0, shape[0])
-    if tm.kind == "row":
-        return chunk(first, 1, shape[1])
-    if tm.kind == "fc1":
-        return torch.cat([chunk(name, 0, arch.ffn_hidden_size) for name in tm.hf])
-    if tm.kind == "vocab":
-        rows = padded_vocab // tp
+        out.copy_(read(first, 0, 0, shape[0]))
+    elif tm.kind == "row":
+        out.copy_(chunk(first, 1, shape[1]))
+    elif tm.kind == "fc1":
+        gate, up = out.chunk(2)
+        gate.copy_(chunk(tm.hf[0], 0, arch.ffn_hidden_size))
+        up.copy_(chunk(tm.hf[1], 0, arch.ffn_hidden_size))
+    elif tm.kind == "vocab":
+        rows = out.shape[0]
         start, stop = tp_rank * rows, min((tp_rank + 1) * rows, arch.vocab_size)
-        part = read(first, 0, start, stop) if stop > start else None
-        out = torch.zeros(rows, arch.hidden_size, dtype=part.dtype if part is not None else arch.dtype)
-        if part is not None:
-            out[: stop - start] = part
-        return out
-    if tm.kind == "qkv":
+        if stop > start:
+            out[: stop - start].copy_(read(first, 0, start, stop))
+        out[max(stop - start, 0):].zero_()
+    elif tm.kind == "qkv":
         groups, hd, h = arch.num_kv_heads // tp, arch.head_dim, arch.hidden_size
-        q, k, v = (chunk(name, 0, rows) for name, rows in zip(
-            tm.hf, (arch.num_heads * hd, arch.num_kv_heads * hd, arch.num_kv_heads * hd)))
-        return torch.cat([q.reshape(groups, -1, h), k.reshape(groups, hd, h), v.reshape(groups, hd, h)], 1).reshape(-1, h)
-    raise ValueError(f"unknown tensor kind {tm.kind!r}")
+        q_rows = arch.num_heads // arch.num_kv_heads * hd
+        grouped = out.view(groups, q_rows + 2 * hd, h)
+        for name, rows, (lo, hi) in zip(tm.hf, (arch.num_heads * hd, arch.num_kv_heads * hd, arch.num_kv_heads * hd),
+                                        ((0, q_rows), (q_rows, q_rows + hd), (q_rows + hd, q_rows + 2 * hd))):
+            grouped[:, lo:hi].copy_(chunk(name, 0, rows).view(groups, hi - lo, h))
+    else:
+        raise ValueError(f"unknown tensor kind {tm.kind!r}")
+    return out
 
 
 def hf_tensors(tm: TensorMap, arch: Qwen3Arch, shards: "list[torch.Tensor]") -> "dict[str, torch.Tensor]":
