@@ -7,6 +7,7 @@
 //   scale = C / sum_s g_s count_s with C = sum_s count_s (1 when C or the denominator is 0)
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
@@ -74,6 +75,12 @@ C10_HOST_DEVICE inline void store_segment(const SegmentOutputs& out, int64_t s, 
   out.value[s] = stat;
   out.gate[s] = raw_gate(stat, out.gate_fn, out.tau, out.threshold);
 }
+
+// AT_DISPATCH over the log-prob dtypes the kernels take (scalar_t inside __VA_ARGS__).
+#define MEGATRON_BPD_DISPATCH_LOGPROB_TYPES(TYPE, NAME, ...)                                        \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)                  \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 // Shape/dtype/device checks shared by the CPU and CUDA implementations (defined in segment_drift.cpp).
 void check_drift_inputs(const at::Tensor& cur, const at::Tensor& old, const at::Tensor& mask,

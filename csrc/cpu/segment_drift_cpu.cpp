@@ -1,6 +1,5 @@
 // CPU kernels of the megatron_bpd ops: a parallel-for over segments for the reduction, a serial O(P) normalizer
 // and a parallel-for over segments for the writes (torch's intra-op thread pool, i.e. OpenMP).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -8,6 +7,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
+#include <type_traits>
+#include <utility>
 
 #include "segment_drift.h"
 
@@ -27,12 +29,37 @@ void check_layout(const int64_t* start, const int64_t* end, int64_t num_segments
     TORCH_CHECK(prev_end <= start[s] && start[s] <= end[s],
                 "segments must be sorted, non-overlapping ranges [seg_start, seg_end) within [0, n): segment ", s,
                 " is [", start[s], ", ", end[s], ") after a segment ending at ", prev_end);
+    TORCH_CHECK(end[s] - start[s] <= INT32_MAX, "segment ", s, " is longer than 2^31 - 1 positions");
     prev_end = end[s];
   }
   TORCH_CHECK(prev_end <= n, "the last segment ends at ", prev_end, ", beyond n = ", n);
 }
 
+// x where valid is 1, +0 where it is 0: a bit mask rather than a branch, so that masked NaN/inf never enter and
+// the loop vectorizes.
+inline float keep_if(float x, int32_t valid) {
+  return std::bit_cast<float>(std::bit_cast<int32_t>(x) & -valid);
+}
+
+// (sum of f(d_t), count) over the valid positions of [begin, end); segments are shorter than 2^31 (check_layout).
+template <int64_t kStatistic, typename scalar_t>
+std::pair<float, int32_t> masked_sum(const scalar_t* c, const scalar_t* o, const uint8_t* m, int64_t begin,
+                                     int64_t end) {
+  float sum = 0.0f;
+  int32_t count = 0;
+#pragma omp simd reduction(+ : sum, count)
+  for (int64_t t = begin; t < end; ++t) {
+    const int32_t valid = m[t];
+    sum += drift_term(keep_if(static_cast<float>(c[t]) - static_cast<float>(o[t]), valid), kStatistic);
+    count += valid;
+  }
+  return {sum, count};
+}
+
+bool is_bad(float c, float o, uint8_t valid) { return valid && !(is_finite(c) && is_finite(o)); }
+
 // Reduces every segment into `out` (see store_segment); returns the first bad position or -1.
+// A non-finite valid input makes its segment's sum non-finite, so only such segments are searched for one.
 int64_t reduce_segments(const at::Tensor& cur_in, const at::Tensor& old_in, const at::Tensor& mask_in,
                         const at::Tensor& seg_start, const at::Tensor& seg_end, const SegmentOutputs& out) {
   const at::Tensor cur = cur_in.contiguous(), old = old_in.contiguous(), mask = mask_in.contiguous();
@@ -40,33 +67,32 @@ int64_t reduce_segments(const at::Tensor& cur_in, const at::Tensor& old_in, cons
   const int64_t* start = seg_start.data_ptr<int64_t>();
   const int64_t* end = seg_end.data_ptr<int64_t>();
   check_layout(start, end, num_segments, n);
-  const bool* m = mask.data_ptr<bool>();
+  const auto* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   std::atomic<int64_t> first_bad{kNoBadPosition};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cur.scalar_type(), "segment_drift_cpu", [&] {
-    const scalar_t* c = cur.data_ptr<scalar_t>();
-    const scalar_t* o = old.data_ptr<scalar_t>();
+  auto reduce_all = [&](const auto* c, const auto* o, auto statistic) {
     at::parallel_for(0, num_segments, segment_grain(num_segments, n), [&](int64_t s_begin, int64_t s_end) {
       for (int64_t s = s_begin; s < s_end; ++s) {
-        float sum = 0.0f;
-        int64_t count = 0;
-        bool bad = false;
-        for (int64_t t = start[s]; t < end[s]; ++t) {
-          const float ct = static_cast<float>(c[t]), ot = static_cast<float>(o[t]);
-          const bool valid = m[t];
-          sum += drift_term(valid ? ct - ot : 0.0f, out.statistic);  // a select: masked NaN/inf never enter
-          count += valid;
-          bad |= valid & !(is_finite(ct) & is_finite(ot));
-        }
+        const auto [sum, count] = masked_sum<decltype(statistic)::value>(c, o, m, start[s], end[s]);
         store_segment(out, s, sum, count);
-        if (bad) {  // rare: find the position and fold it into the global minimum
-          int64_t t = start[s];
-          while (!(m[t] && !(is_finite(static_cast<float>(c[t])) && is_finite(static_cast<float>(o[t]))))) ++t;
+        if (is_finite(sum)) continue;
+        for (int64_t t = start[s]; t < end[s]; ++t) {
+          if (!is_bad(static_cast<float>(c[t]), static_cast<float>(o[t]), m[t])) continue;
           int64_t seen = first_bad.load();
           while (t < seen && !first_bad.compare_exchange_weak(seen, t)) {
           }
+          break;
         }
       }
     });
+  };
+  MEGATRON_BPD_DISPATCH_LOGPROB_TYPES(cur.scalar_type(), "segment_drift_cpu", [&] {
+    const scalar_t* c = cur.data_ptr<scalar_t>();
+    const scalar_t* o = old.data_ptr<scalar_t>();
+    switch (out.statistic) {
+      case kAbsMean: return reduce_all(c, o, std::integral_constant<int64_t, kAbsMean>{});
+      case kRms: return reduce_all(c, o, std::integral_constant<int64_t, kRms>{});
+      default: return reduce_all(c, o, std::integral_constant<int64_t, kSignedMean>{});
+    }
   });
   const int64_t bad = first_bad.load();
   return bad == kNoBadPosition ? -1 : bad;

@@ -2,7 +2,6 @@
 // per warp through shared memory), a one-block kernel for first_bad and the O(P) normalizer, one block per segment
 // for the writes. No host synchronization. The segment layout (sorted, non-overlapping, within [0, n)) is a
 // precondition here; the CPU kernels check it.
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
@@ -132,7 +131,7 @@ at::Tensor reduce_segments(const at::Tensor& cur_in, const at::Tensor& old_in, c
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor first_bad = at::full({}, kNoBadPosition, cur.options().dtype(at::kLong));
   if (num_segments > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cur.scalar_type(), "segment_drift_cuda", [&] {
+    MEGATRON_BPD_DISPATCH_LOGPROB_TYPES(cur.scalar_type(), "segment_drift_cuda", [&] {
       segment_reduce_kernel<scalar_t><<<num_segments, segment_threads(n, num_segments), 0, stream>>>(
           cur.data_ptr<scalar_t>(), old.data_ptr<scalar_t>(), mask.data_ptr<bool>(), seg_start.data_ptr<int64_t>(),
           seg_end.data_ptr<int64_t>(), out, first_bad.data_ptr<int64_t>());
