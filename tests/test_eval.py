@@ -285,7 +285,10 @@ def test_runner_aggregates_scripted_responses(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "_problem_task", fake_task)
     config = EvalConfig(n_samples=4, ks=[1, 2, 4], seed=100)
     result = asyncio.run(evaluate_async(None, Tok(), benches, config, progress=False))
-    assert seen == {pid: (100 + 4 * pos, 4, 0.9) for pos, pid in enumerate(plan)}
+    # seeds: seed + (10000 * position of the benchmark in BENCHMARKS + problem index) * n
+    assert seen == {"aime25/0": (100 + 4 * 20000, 4, 0.9), "aime25/1": (100 + 4 * 20001, 4, 0.9),
+                    "aime25/2": (100 + 4 * 20002, 4, 0.9), "amc23/0": (100 + 4 * 30000, 4, 0.9),
+                    "amc23/1": (100 + 4 * 30001, 4, 0.9)}
     data = result.data
     counts = {p["id"]: p["correct"] for b in data["benchmarks"].values() for p in b["problems"]}
     assert counts == plan

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16384)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0, help="sample j of problem p uses seed + p * n + j; -1: server-chosen")
+    p.add_argument("--seed", type=int, default=0, help="sample j of problem i of a benchmark uses seed + (10000 * benchmark slot + i) * n + j; "
+                   "-1: server-chosen seeds")
     p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
                    help="user message; {problem} is replaced by the problem; @FILE reads the template from FILE")
     p.add_argument("--system-prompt", default=None, help="optional system message (@FILE reads it from FILE)")

@@ -2,9 +2,10 @@ r"""Sampling through the SGLang client, scoring with math-verify and pass@k aggr
 
 ``evaluate_async(client, tokenizer, benchmarks, config)`` samples ``config.n_samples`` responses per problem (one
 ``generate_rollout`` per problem, all problems in flight at once up to the client's concurrency), scores each
-response with ``answers.check`` and returns an ``EvalResult`` (a JSON-ready dict plus helpers). Sample j of the
-problem at global position p (benchmarks in order, problems in file order) uses sampling seed
-``seed + p * n_samples + j``, so a run is reproducible whatever the completion order.
+response with ``answers.check`` and returns an ``EvalResult`` (a JSON-ready dict plus helpers). Sample j of problem
+i (file order) of a benchmark uses sampling seed ``seed + (benchmark_offset + i) * n_samples + j`` with a fixed
+offset per benchmark (``benchmark_seed_offset``), so a problem gets the same seeds whatever the completion order,
+the benchmark subset or ``--limit``.
 
 Prompt: ``config.prompt_template`` with ``{problem}`` replaced by the problem text (a plain substitution: LaTeX braces
 need no escaping), as the user message of the tokenizer's chat template with the generation prompt appended
@@ -24,6 +25,17 @@ from typing import Any, Mapping, Sequence
 from megatron_bpd.eval.answers import STATUSES, check
 from megatron_bpd.eval.benchmarks import Problem
 from megatron_bpd.eval.passk import mean_pass_at_k, pass_at_k_array
+
+def benchmark_seed_offset(name: str) -> int:
+    """Problem-index offset of a benchmark in the seed space: 10000 x its position in BENCHMARKS (other names: a
+    CRC32-derived slot after those)."""
+    import zlib
+
+    from megatron_bpd.eval.benchmarks import BENCHMARKS
+
+    slot = BENCHMARKS.index(name) if name in BENCHMARKS else len(BENCHMARKS) + zlib.crc32(name.encode()) % 1000
+    return 10000 * slot
+
 
 DEFAULT_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
 _REPORTED = ("gold_parse_error", "pred_parse_error", "timeout", "error")
@@ -164,7 +176,7 @@ async def evaluate_async(client, tokenizer, benchmarks: Mapping[str, Sequence[Pr
                 raise ValueError(f"{p.id}: the prompt has {len(prompt)} tokens, no room left in the context length "
                                  f"{config.context_length}")
         sampling = SamplingParams(max_new_tokens=max_new, temperature=config.temperature, top_p=config.top_p)
-        seed = None if config.seed is None else config.seed + pos * config.n_samples
+        seed = None if config.seed is None else config.seed + (benchmark_seed_offset(name) + i) * config.n_samples
         jobs.append((pos, RolloutConfig(n_samples=config.n_samples, sampling=sampling, seed=seed), prompt))
     per_problem: dict[int, ProblemResult] = {}
     tasks = {asyncio.ensure_future(_problem_task(client, rc, prompt, tokenizer)): pos for pos, rc, prompt in jobs}
@@ -248,6 +260,12 @@ class EvalResult:
         for row in self.table():
             name = f"**{row['benchmark']}**" if row["benchmark"] == "mean" else row["benchmark"]
             lines.append(f"| {name} | {row['problems']} | " + " | ".join(f"{100 * row[c]:.1f}" for c in cols) + " |")
+        names = list(self.data["benchmarks"])
+        lines += ["", "Paper layout (pass@k in %):", "", "| | " + " | ".join(names) + " | mean |",
+                  "|---|" + "---:|" * (len(names) + 1)]
+        for c in cols:
+            values = [self.data["benchmarks"][n]["pass_at_k"][c] for n in names] + [self.data["mean"][c]]
+            lines.append(f"| {c} | " + " | ".join(f"{100 * v:.1f}" for v in values) + " |")
         failures = {n: s["parse_failures"] for n, s in self.data["benchmarks"].items() if s["parse_failures"]}
         lines += ["", "## Answer checking", "", "| benchmark | " + " | ".join(STATUSES) + " |",
                   "|---|" + "---:|" * len(STATUSES)]
