@@ -32,6 +32,25 @@ def make_tiny_qwen3(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def add_tokenizer(path: Path) -> Path:
+    """A byte-level BPE of VOCAB tokens trained on a few lines, saved as a PreTrainedTokenizerFast."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog\n"] * 50 + ["hello world, stop here."] * 50,
+                            trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}))
+    return path
+
+
 def load_reference(path: Path):
     from transformers import AutoModelForCausalLM
 

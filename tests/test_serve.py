@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import torch
 
-from rollout_fixtures import EOS, load_reference, make_tiny_qwen3, start_servers
+from rollout_fixtures import add_tokenizer, load_reference, make_tiny_qwen3, start_servers
 
 PROMPT = [5, 17, 42, 99, 7]
 
@@ -288,3 +288,31 @@ def test_engine_failure_aborts_requests_and_keeps_serving(model_dir):
     ok = submit("good")
     assert ok.finish["type"] == "length" and len(ok.output_ids) == 4
     engine.stop()
+
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory):
+    model = add_tokenizer(make_tiny_qwen3(tmp_path_factory.mktemp("with-tokenizer")))
+    (proc,) = start_servers(model, tmp_path_factory.mktemp("logs"), 1)
+    from transformers import AutoTokenizer
+    yield proc, AutoTokenizer.from_pretrained(model)
+    proc.stop()
+
+
+def test_text_prompts_and_stop_strings(text_server):
+    server, tokenizer = text_server
+    greedy = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    status, out = post(server.url, "/generate", {"text": "hello world", "sampling_params": greedy,
+                                                 "return_logprob": True, "return_text_in_logprobs": True})
+    assert status == 200 and out["meta_info"]["prompt_tokens"] == len(tokenizer.encode("hello world"))
+    ids = out["output_ids"]
+    assert out["text"] == tokenizer.decode(ids)
+    assert [e[2] for e in out["meta_info"]["output_token_logprobs"]] == [tokenizer.decode([t]) for t in ids]
+    stop = next(tokenizer.decode([t]) for t in ids[3:] if tokenizer.decode([t]).strip())
+    k = next(k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:k]))
+    for trim in (False, True):
+        _, cut = post(server.url, "/generate", {"text": "hello world", "sampling_params": greedy | {
+            "stop": stop, "no_stop_trim": not trim}})
+        assert cut["output_ids"] == ids[:k] and cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+        full = tokenizer.decode(ids[:k])
+        assert cut["text"] == (full[: full.index(stop)] if trim else full)

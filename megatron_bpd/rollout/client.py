@@ -115,28 +115,29 @@ class SGLangClient:
                 await asyncio.sleep(0.2)
 
     async def generate(self, request: GenerateRequest) -> list[GenerateOutput]:
-        """POST /generate; returns the request's ``sampling_params.n`` samples. A fresh rid is sent per attempt."""
+        """POST /generate; returns the request's ``sampling_params.n`` samples. Each attempt picks its server when
+        it gets a concurrency slot and sends a fresh rid (``<rid>.<attempt>``)."""
         base_rid = request.rid or self.new_rid()
-        n = request.sampling_params.n
         for attempt in range(self.config.max_retries + 1):
-            url = self._pick()
             payload = request.to_json() | {"rid": f"{base_rid}.{attempt}", "stream": False}
-            try:
-                async with self._semaphore:
+            async with self._semaphore:
+                url = self._pick()
+                try:
                     body = await self._post_json(url, "/generate", payload, self.config.request_timeout_s, True)
-            except _Retryable as exc:
-                self._down_until[url] = time.monotonic() + self.config.cooldown_s
-                if attempt == self.config.max_retries:
-                    raise ServerError(f"/generate rid={base_rid} failed after {attempt + 1} attempts: {exc}") from exc
-                delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** attempt)
-                log.warning("retrying rid=%s in %.2f s after %s", base_rid, delay, exc)
-                await asyncio.sleep(delay)
-                continue
-            items = body if isinstance(body, list) else [body]
-            if len(items) != n:
-                raise ProtocolError(f"/generate rid={base_rid}: expected {n} samples, got {len(items)}")
-            return [GenerateOutput.from_json(item) for item in items]
-        raise AssertionError("unreachable")
+                    break
+                except _Retryable as exc:
+                    self._down_until[url] = time.monotonic() + self.config.cooldown_s
+                    failure = exc
+            if attempt == self.config.max_retries:
+                raise ServerError(f"/generate rid={base_rid} failed after {attempt + 1} attempts: {failure}") from failure
+            delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** attempt)
+            log.warning("retrying rid=%s in %.2f s after %s", base_rid, delay, failure)
+            await asyncio.sleep(delay)
+        items = body if isinstance(body, list) else [body]
+        if len(items) != request.sampling_params.n:
+            raise ProtocolError(f"/generate rid={base_rid}: expected {request.sampling_params.n} samples, "
+                                f"got {len(items)}")
+        return [GenerateOutput.from_json(item) for item in items]
 
     async def post(self, url: str, path: str, payload: dict | None = None, timeout_s: float = 600.0) -> Any:
         """POST one control request to one server (no retries); returns the decoded JSON or text body."""

@@ -140,7 +140,7 @@ class SGLangServer:
             for rid in {seq.request_rid for seq in seqs}:
                 self.engine.abort(rid, "client disconnected")
             raise
-        outputs = [self._format(seq, len(seq.output_ids)) for seq in seqs]
+        outputs = [self._format(seq, len(seq.output_ids), seq.finish) for seq in seqs]
         return web.json_response(outputs if batched or len(outputs) > 1 else outputs[0])
 
     async def _stream(self, request: web.Request, seqs: list[Sequence], events: asyncio.Queue):
@@ -150,7 +150,7 @@ class SGLangServer:
         while pending:
             index, n, finish = await events.get()
             pending -= finish is not None
-            chunk = self._format(seqs[index], n) | {"index": index}
+            chunk = self._format(seqs[index], n, finish) | {"index": index}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
@@ -208,17 +208,18 @@ class SGLangServer:
             groups.append(group)
         return groups, batched
 
-    def _format(self, seq: Sequence, n: int) -> dict[str, Any]:
-        """SGLang's response object for ``seq`` after its first ``n`` output tokens."""
+    def _format(self, seq: Sequence, n: int, finish: dict[str, Any] | None) -> dict[str, Any]:
+        """SGLang's response object for ``seq`` after its first ``n`` output tokens (``finish``: its finish reason
+        then, None while running); safe while the engine thread appends further tokens."""
         tokenizer, p = self.engine.tokenizer, seq.params
         ids = seq.output_ids[:n]
         text = tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens) if tokenizer else ""
-        matched = (seq.finish or {}).get("matched")
+        matched = (finish or {}).get("matched")
         if isinstance(matched, str) and not p.no_stop_trim and matched in text:
             text = text[: text.index(matched)]
         piece = (lambda t: tokenizer.decode([t])) if tokenizer else (lambda t: None)
         triples = lambda lps, toks: [[lp, t, piece(t)] for lp, t in zip(lps, toks)]  # noqa: E731
-        meta = {"id": seq.rid, "finish_reason": seq.finish, "prompt_tokens": len(seq.prompt),
+        meta = {"id": seq.rid, "finish_reason": finish, "prompt_tokens": len(seq.prompt),
                 "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": seq.weight_version,
                 "e2e_latency": time.monotonic() - seq.created}
         if seq.return_logprob:
