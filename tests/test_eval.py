@@ -9,6 +9,7 @@ import json
 import math
 import random
 import threading
+import urllib.request
 from fractions import Fraction
 
 import numpy as np
@@ -136,11 +137,16 @@ def test_checker_survives_timeouts_and_errors(monkeypatch):
 
 def test_checker_works_off_the_main_thread():
     out = []
-    t = threading.Thread(target=lambda: out.append((is_correct(r"\boxed{\frac{2}{4}}", r"\frac12"),
-                                                    is_correct(r"\boxed{3}", "4"))))
+
+    def work():
+        out.append((is_correct(r"\boxed{\frac{2}{4}}", r"\frac12"), is_correct(r"\boxed{3}", "4")))
+        # worker processes: math-verify's time limits apply again
+        out.append([v.status for v in answers.check_batch([r"\boxed{1}", r"\boxed{2}", "x"], "1", workers=1)])
+
+    t = threading.Thread(target=work)
     t.start()
-    t.join(60)
-    assert out == [(True, False)]
+    t.join(120)
+    assert out == [(True, False), ["correct", "wrong", "no_boxed"]]
 
 
 def test_gold_answers_verify_against_themselves(all_problems):
@@ -252,7 +258,8 @@ def test_pass_at_k_errors():
 # ---------------------------------------------------------------- runner (scripted responses)
 
 
-def test_runner_aggregates_scripted_responses(monkeypatch, tmp_path):
+@pytest.mark.parametrize("check_workers", [0, 1])
+def test_runner_aggregates_scripted_responses(monkeypatch, tmp_path, check_workers):
     """The runner's bookkeeping with a fake sampler: prompts, seeds, per-problem counts, pass@k, mean, files."""
     from megatron_bpd.eval import runner
     from megatron_bpd.eval.runner import EvalConfig, evaluate_async
@@ -260,8 +267,8 @@ def test_runner_aggregates_scripted_responses(monkeypatch, tmp_path):
     class Tok:
         chat_template = "x"
 
-        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-            assert not tokenize and add_generation_prompt
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt, **kwargs):
+            assert not tokenize and add_generation_prompt and kwargs == {"enable_thinking": False}
             return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
         def __call__(self, text, add_special_tokens):
@@ -283,7 +290,8 @@ def test_runner_aggregates_scripted_responses(monkeypatch, tmp_path):
         return texts, ["stop"] * 4, [10] * 4
 
     monkeypatch.setattr(runner, "_problem_task", fake_task)
-    config = EvalConfig(n_samples=4, ks=[1, 2, 4], seed=100)
+    config = EvalConfig(n_samples=4, ks=[1, 2, 4], seed=100, check_workers=check_workers,
+                        chat_template_kwargs={"enable_thinking": False})
     result = asyncio.run(evaluate_async(None, Tok(), benches, config, progress=False))
     # seeds: seed + (10000 * position of the benchmark in BENCHMARKS + problem index) * n
     assert seen == {"aime25/0": (100 + 4 * 20000, 4, 0.9), "aime25/1": (100 + 4 * 20001, 4, 0.9),
@@ -324,6 +332,9 @@ def test_cli_end_to_end_with_embedded_server(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
     assert (out / "server.log").exists()
+    (url,) = data["meta"]["urls"]  # the embedded server was stopped on the way out
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=5)
     assert list(data["benchmarks"]) == list(BENCHMARKS)
     for name in BENCHMARKS:
         assert f"| {name} | 2 |" in md and f"| {name} | 2 |" in printed

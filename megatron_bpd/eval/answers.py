@@ -191,12 +191,38 @@ def is_correct(response_text: str, gold_answer: str | int | float) -> bool:
 
 
 def check_batch(responses: Sequence[str], golds: Sequence[str | int | float] | str | int | float,
-                timeout_s: int | None = 5) -> list[Verdict]:
-    """``check`` over many responses; ``golds`` is one answer per response, or a single answer for all."""
+                timeout_s: int | None = 5, workers: int = 0) -> list[Verdict]:
+    """``check`` over many responses; ``golds`` is one answer per response, or a single answer for all.
+
+    ``workers > 0`` scores in that many spawned worker processes (each checks in its own main thread, so
+    math-verify's time limits apply even when the caller is a worker thread; a crashed worker scores its responses
+    as ``error``)."""
     if isinstance(golds, (str, int, float)):
         golds = [golds] * len(responses)
     if len(golds) != len(responses):
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+    if workers <= 0 or len(responses) <= 1:
+        return [check(r, g, timeout_s) for r, g in zip(responses, golds)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunk = max(1, -(-len(responses) // (4 * workers)))
+    parts = [(list(responses[i:i + chunk]), list(golds[i:i + chunk]), timeout_s)
+             for i in range(0, len(responses), chunk)]
+    out: list[Verdict] = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_check_part, part) for part in parts]
+        for part, fut in zip(parts, futures):
+            try:
+                out.extend(fut.result())
+            except Exception as exc:  # noqa: BLE001 -- e.g. BrokenProcessPool
+                out.extend(Verdict(False, "error", last_boxed(r or ""), f"checker process: {type(exc).__name__}: "
+                                   f"{str(exc)[:200]}") for r in part[0])
+    return out
+
+
+def _check_part(part) -> list[Verdict]:
+    responses, golds, timeout_s = part
     return [check(r, g, timeout_s) for r, g in zip(responses, golds)]
 
 

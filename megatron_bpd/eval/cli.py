@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import shlex
 import sys
@@ -64,11 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None, help="optional system message (@FILE reads it from FILE)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="send the filled prompt template as raw text instead of through the chat template")
+    p.add_argument("--chat-template-kwargs", type=json.loads, default=None, metavar="JSON",
+                   help='extra chat-template variables, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--context-length", type=int, default=None,
                    help="cap max new tokens at this minus the prompt length (servers reject longer requests)")
     p.add_argument("--max-concurrency", type=int, default=64, help="requests in flight")
     p.add_argument("--request-timeout", type=float, default=3600.0, help="seconds per /generate request")
     p.add_argument("--check-timeout", type=int, default=5, help="math-verify time limit per parse/compare (s)")
+    p.add_argument("--check-workers", type=int, default=0,
+                   help="score answers in this many worker processes (0: in the main process)")
     p.add_argument("--save-responses", action="store_true", help="keep the decoded responses in results.json")
     p.add_argument("--server-args", default="", metavar="'ARGS'",
                    help="extra arguments for the embedded server, e.g. '--dtype bfloat16 --max-running-requests 128'")
@@ -88,8 +93,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         n_samples=args.n_samples, ks=_split_ints(args.k), max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=None if args.seed < 0 else args.seed,
         prompt_template=_read_at(args.prompt_template), system_prompt=_read_at(args.system_prompt),
-        use_chat_template=not args.no_chat_template, context_length=args.context_length,
-        check_timeout_s=args.check_timeout if args.check_timeout > 0 else None, keep_responses=args.save_responses)
+        use_chat_template=not args.no_chat_template, chat_template_kwargs=args.chat_template_kwargs,
+        context_length=args.context_length,
+        check_timeout_s=args.check_timeout if args.check_timeout > 0 else None, check_workers=args.check_workers,
+        keep_responses=args.save_responses)
 
 
 def run(args: argparse.Namespace) -> EvalResult:

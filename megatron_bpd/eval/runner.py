@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from megatron_bpd.eval.answers import STATUSES, check
+from megatron_bpd.eval.answers import STATUSES, Verdict, _check_part, check
 from megatron_bpd.eval.benchmarks import Problem
 from megatron_bpd.eval.passk import mean_pass_at_k, pass_at_k_array
 
@@ -54,8 +54,10 @@ class EvalConfig:
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     system_prompt: str | None = None
     use_chat_template: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": False} for Qwen3 templates
     context_length: int | None = None  # when set, max_new_tokens is capped at context_length - prompt tokens
     check_timeout_s: int | None = 5
+    check_workers: int = 0  # > 0: score in that many spawned processes, off the event loop
     keep_responses: bool = False  # store the decoded responses in the result
 
     def __post_init__(self):
@@ -82,7 +84,8 @@ def render_prompt(problem: str, config: EvalConfig, tokenizer=None) -> str:
         raise ValueError("the tokenizer has no chat template: pass --no-chat-template to use the raw prompt")
     messages = ([{"role": "system", "content": config.system_prompt}] if config.system_prompt else []) + \
         [{"role": "user", "content": user}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(config.chat_template_kwargs or {}))
 
 
 def build_prompt_ids(tokenizer, problems: Sequence[Problem], config: EvalConfig) -> list[list[int]]:
@@ -106,10 +109,13 @@ class ProblemResult:
 
 
 def score_problem(problem: Problem, responses: Sequence[str], finish_reasons: Sequence[str],
-                  num_tokens: Sequence[int], config: EvalConfig) -> ProblemResult:
+                  num_tokens: Sequence[int], config: EvalConfig, verdicts: Sequence[Verdict] | None = None
+                  ) -> ProblemResult:
+    """Per-sample verdicts (computed here unless given), the correct count and the problem's pass@k."""
+    if verdicts is None:
+        verdicts = [check(text, problem.answer, config.check_timeout_s) for text in responses]
     samples = []
-    for text, reason, length in zip(responses, finish_reasons, num_tokens):
-        v = check(text, problem.answer, config.check_timeout_s)
+    for text, reason, length, v in zip(responses, finish_reasons, num_tokens, verdicts):
         sample = {"correct": v.correct, "status": v.status, "extracted": v.extracted, "finish_reason": reason,
                   "num_tokens": length}
         if v.detail:
@@ -179,17 +185,35 @@ async def evaluate_async(client, tokenizer, benchmarks: Mapping[str, Sequence[Pr
         seed = None if config.seed is None else config.seed + (benchmark_seed_offset(name) + i) * config.n_samples
         jobs.append((pos, RolloutConfig(n_samples=config.n_samples, sampling=sampling, seed=seed), prompt))
     per_problem: dict[int, ProblemResult] = {}
-    tasks = {asyncio.ensure_future(_problem_task(client, rc, prompt, tokenizer)): pos for pos, rc, prompt in jobs}
+    pool = None
+    if config.check_workers > 0:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(config.check_workers, mp_context=multiprocessing.get_context("spawn"))
+
+    async def sample_and_score(pos: int, rollout_config, prompt) -> tuple[int, ProblemResult]:
+        texts, reasons, lengths = await _problem_task(client, rollout_config, prompt, tokenizer)
+        problem = flat[pos][2]
+        verdicts = None
+        if pool is not None:
+            part = (texts, [problem.answer] * len(texts), config.check_timeout_s)
+            try:
+                verdicts = await asyncio.get_running_loop().run_in_executor(pool, _check_part, part)
+            except Exception as exc:  # noqa: BLE001 -- a crashed checker process: incorrect, reported
+                verdicts = [Verdict(False, "error", None, f"checker process: {type(exc).__name__}: {str(exc)[:200]}")
+                            for _ in texts]
+        return pos, score_problem(problem, texts, reasons, lengths, config, verdicts)
+
+    tasks = [asyncio.ensure_future(sample_and_score(pos, rc, prompt)) for pos, rc, prompt in jobs]
     bar = tqdm(total=len(tasks), desc="eval problems", unit="problem", disable=not progress, dynamic_ncols=True)
     try:
         pending = set(tasks)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                pos = tasks[task]
-                texts, reasons, lengths = task.result()  # raises the first failure
-                name, _, problem = flat[pos]
-                per_problem[pos] = score_problem(problem, texts, reasons, lengths, config)
+                pos, result = task.result()  # raises the first failure
+                per_problem[pos] = result
                 bar.update(1)
                 if progress:
                     solved = sum(r.correct > 0 for r in per_problem.values())
@@ -199,6 +223,8 @@ async def evaluate_async(client, tokenizer, benchmarks: Mapping[str, Sequence[Pr
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     summaries = {}
     for name, probs in benchmarks.items():
         results = [per_problem[pos] for pos, (b, _, _) in enumerate(flat) if b == name]
