@@ -72,12 +72,11 @@ def load_hf_weights(model, hf_dir: "str | Path", progress: bool = True) -> None:
         raise RuntimeError(f"parameters without an HF source (mapping out of date?): {sorted(params)}")
 
 
-def _stage_layers(model) -> "list[tuple[bool, bool, list[int]]]":
-    """(first stage, last stage, global layer indices) of every pipeline stage, in stage order."""
+def _stage_layers(model) -> "list[list[int]]":
+    """The global layer indices of every pipeline stage, in stage order."""
     from megatron.core import parallel_state as ps
 
-    mine = (ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
-            [layer.layer_number - 1 for layer in model.decoder.layers])
+    mine = [layer.layer_number - 1 for layer in model.decoder.layers]
     stages = [None] * ps.get_pipeline_model_parallel_world_size()
     dist.all_gather_object(stages, mine, group=ps.get_pipeline_model_parallel_group())
     return stages
@@ -105,7 +104,7 @@ def iter_hf_weights(model):
         if tm.tied:
             continue
         if tm.layer is not None:
-            owner = next(i for i, (_, _, layers) in enumerate(stages) if tm.layer in layers)
+            owner = next(i for i, layers in enumerate(stages) if tm.layer in layers)
         else:
             owner = 0 if tm.megatron.startswith("embedding.") else len(stages) - 1
         if owner == pp_rank:
