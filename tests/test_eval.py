@@ -105,7 +105,9 @@ def test_checker_survives_timeouts_and_errors(monkeypatch):
     import math_verify
     from math_verify.errors import TimeoutException
 
-    for weird in (r"\boxed{\frac{1}{0}}", r"\boxed{{{{{}", r"\boxed{\sqrt{}}", "\\boxed{\x00\u2603}", r"\boxed{a=b=c<d}"):
+    weird_answers = (r"\boxed{\frac{1}{0}}", r"\boxed{{{{{}", r"\boxed{\sqrt{}}", "\\boxed{\x00\u2603}",
+                     r"\boxed{a=b=c<d}")
+    for weird in weird_answers:
         assert check(weird, "3").correct is False  # scored, never raised
 
     def timeout_verify(*a, **k):
@@ -183,7 +185,8 @@ def test_wrong_answers_are_incorrect(all_problems):
     assert accepted == []
     math500 = all_problems["math500"]
     swapped = [(a.id, b.answer) for a, b in zip(math500[:60], math500[1:61])
-               if a.answer.replace(" ", "") != b.answer.replace(" ", "") and is_correct(f"\\boxed{{{b.answer}}}", a.answer)]
+               if a.answer.replace(" ", "") != b.answer.replace(" ", "")
+               and is_correct(f"\\boxed{{{b.answer}}}", a.answer)]
     assert len(swapped) <= 1, swapped  # another problem's answer is (almost) never accepted
 
 

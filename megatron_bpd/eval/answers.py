@@ -23,7 +23,8 @@ the main thread, or from worker *processes*, when untrusted answers may make sym
 Checked against the shipped data (tests/test_eval.py, math-verify 0.9.0): every gold answer of the four benchmarks,
 boxed, is scored correct against itself, and integer answers plus one are scored wrong. Of the reference solutions
 (MATH500, AIME24), all but one verify through their last box; ``KNOWN_SOLUTION_MISMATCHES`` lists the exception.
-Before ``clean_answer`` existed, two more failed: aime24/70 (``\boxed{104.}``) and aime24/75 (``\boxed{\textbf{(073)}}``).
+Before ``clean_answer`` existed, two more failed: aime24/70 (``\boxed{104.}``) and aime24/75
+(``\boxed{\textbf{(073)}}``).
 """
 
 from __future__ import annotations

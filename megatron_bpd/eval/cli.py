@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16384)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0, help="sample j of problem i of a benchmark uses seed + (10000 * benchmark slot + i) * n + j; "
+    p.add_argument("--seed", type=int, default=0,
+                   help="sample j of problem i of a benchmark uses seed + (10000 * benchmark slot + i) * n + j; "
                    "-1: server-chosen seeds")
     p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
                    help="user message; {problem} is replaced by the problem; @FILE reads the template from FILE")
