@@ -1,9 +1,13 @@
-"""Client, rollout, teacher scoring and weight sync against two real embedded servers on 127.0.0.1; numbers are
-checked against the HF model's own full forward."""
+"""Client, rollout, teacher scoring, weight sync, a killed server and the sglang-router, against two real embedded
+servers on 127.0.0.1; numbers are checked against the HF model's own full forward."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ import torch
 from megatron_bpd.rollout import (ClientConfig, RolloutConfig, SamplingParams, SGLangClient, SGLangTeacher,
                                   generate_rollout)
 from megatron_bpd.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, UpdateGroup
-from rollout_fixtures import VOCAB, free_port, load_reference, make_tiny_qwen3, num_finished, start_servers
+from rollout_fixtures import free_port, load_reference, make_tiny_qwen3, num_finished, num_running, start_servers
 
 PROMPTS = [[5, 17, 42, 99, 7], [9, 9, 4], [250, 1, 3, 3, 60, 61, 12]]
 
@@ -161,3 +165,77 @@ def test_distributed_weight_sync_over_gloo(servers, model_dir, new_weights_dir, 
     assert versions_mid == [{"weight_version": "dist-1"}] * 2
     assert greedy_rollout(urls).response_ids == [expected_greedy(old, p) for p in PROMPTS]
     assert set(greedy_rollout(urls).weight_version) == {"dist-2"}
+
+
+def test_rollout_through_sglang_router(servers, model_dir, tmp_path):
+    """The real sglang-router (PyPI ``sglang-router``) in front of both servers: a rollout through the router spreads
+    over both; weight sync goes to the workers directly."""
+    pytest.importorskip("sglang_router", reason="needs the sglang-router package (pip install sglang-router)")
+    workers, model = servers, model_dir
+    port = free_port()
+    router_url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "router.log", "w")
+    router = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port",
+                               str(port), "--policy", "round_robin", "--log-level", "warn",
+                               "--worker-urls", *[w.url for w in workers]], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{router_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if router.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sglang-router did not come up:\n{(tmp_path / 'router.log').read_text()}")
+                time.sleep(0.2)
+        before = [num_finished(w.url) for w in workers]
+        config = RolloutConfig(n_samples=4, seed=3, sampling=SamplingParams(max_new_tokens=8, ignore_eos=True))
+        prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
+
+        async def main():
+            client_config = ClientConfig(urls=[router_url], control_urls=[w.url for w in workers])
+            async with SGLangClient(client_config) as client:
+                await client.wait_healthy()
+                batch = await generate_rollout(client, prompts, config)
+                served = [await asyncio.to_thread(num_finished, w.url) - b for w, b in zip(workers, before)]
+                await DiskWeightSync(client, tmp_path / "export", model).update(
+                    load_reference(model).state_dict().items(), "via-router")
+                versions = [await client.get(w.url, "/get_weight_version") for w in workers]
+                return batch, served, versions
+        batch, served, versions = asyncio.run(main())
+    finally:
+        router.terminate()
+        router.wait(timeout=30)
+    assert len(batch) == 12 and all(len(r) == 8 for r in batch.response_ids)
+    assert sum(served) == 12 and min(served) >= 3  # round robin over both workers
+    assert versions == [{"weight_version": "via-router"}] * 2
+
+
+def test_server_killed_mid_rollout_loses_and_duplicates_nothing(servers, model_dir, tmp_path):
+    """Kill one of two servers while its requests are in flight: they are retried on the other server and the
+    batch equals the same seeded rollout on a healthy server."""
+    (victim,), survivor = start_servers(model_dir, tmp_path, 1), servers[0]
+    prompts = [[i + 1, 2 * i + 3, 7] for i in range(4)]
+    config = RolloutConfig(n_samples=4, seed=5, sampling=SamplingParams(max_new_tokens=64, ignore_eos=True))
+    try:
+        async def killed_midway():
+            async with SGLangClient(ClientConfig(urls=[victim.url, survivor.url], backoff_s=0.05)) as client:
+                task = asyncio.create_task(generate_rollout(client, prompts, config))
+                while await asyncio.to_thread(num_running, victim.url) < 8:  # its half of the requests in flight
+                    await asyncio.sleep(0.01)
+                finished_before_kill = await asyncio.to_thread(num_finished, victim.url)
+                victim.kill()
+                return await task, finished_before_kill
+        batch, finished_before_kill = asyncio.run(killed_midway())
+
+        async def healthy():
+            async with SGLangClient(ClientConfig(urls=[survivor.url])) as client:
+                return await generate_rollout(client, prompts, config)
+        reference = asyncio.run(healthy())
+    finally:
+        victim.stop()
+    assert victim.proc.returncode == -9 and finished_before_kill == 0
+    assert len(batch) == 16 and batch.prompt_index == reference.prompt_index
+    assert batch.response_ids == reference.response_ids
+    assert all(len(r) == 64 for r in batch.response_ids) and set(batch.finish_reason) == {"length"}
