@@ -10,7 +10,8 @@ logits at ids) and ``topk_lsm_loss_parallel`` (``gather_at`` + ``losses.topk_lsm
 
 One autograd core (``_VocabStats``) serves the differentiable ops. It returns, per position, logsumexp(x) as M + L
 (M = max x, a constant; L kept separately so that nothing of magnitude |x| is rounded), the entropy
-H = -sum p log p and x at the ids. Memory: it works in chunks of ``chunk_size`` tokens and keeps at most one float32
+H = -sum p log p and x at the ids. Memory: it works in chunks of ``chunk_size`` tokens (default: 128 MiB of float32
+per chunk) and keeps at most one float32
 ``[chunk, V/tp]`` work buffer (two for the entropy); backward recomputes the softmax chunk by chunk from the saved
 logits and the [n] statistics (no full-vocabulary softmax is ever stored; for float32 logits it computes straight
 into the gradient buffer). Communication: forward is one all-gather over TP of the local statistics
@@ -24,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_SIZE = 256  # tokens per chunk: a [256, 151936] float32 work buffer is 156 MB
+CHUNK_ELEMENTS = 1 << 25  # default chunk: 128 MiB of float32 work, e.g. 220 tokens at V/tp = 151936
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,22 @@ def _shard(logits: torch.Tensor, tp_group, vocab_size: Optional[int]) -> _Shard:
     return _Shard(tp_group, world, start, local_size, valid, vocab_size)
 
 
-def _check_args(logits: torch.Tensor, temperature: float, chunk_size: int) -> None:
+def _chunk_tokens(chunk_size: Optional[int], local_size: int) -> int:
+    """Tokens per chunk: ``chunk_size``, or by default as many as fill CHUNK_ELEMENTS float32 at V/tp columns."""
+    if chunk_size is None:
+        return max(1, CHUNK_ELEMENTS // max(local_size, 1))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 token, got {chunk_size}")
+    return int(chunk_size)
+
+
+def _check_args(logits: torch.Tensor, temperature: float) -> None:
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
     if logits.dim() < 2:
         raise ValueError(f"logits must be [..., V/tp] with at least one token dimension, got {list(logits.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 token, got {chunk_size}")
 
 
 def _flat_ids(ids: torch.Tensor, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -229,15 +237,16 @@ def _part(t: Optional[torch.Tensor], rows: slice) -> Optional[torch.Tensor]:
 
 def _vocab_stats(logits, ids, tp_group, temperature, vocab_size, chunk_size, softmax, entropy):
     """Validate, flatten to ``[n, V/tp]`` / ``[n, K]`` and run the core; returns (L, H, x_ids) flat."""
-    _check_args(logits, temperature, chunk_size)
+    _check_args(logits, temperature)
     shard = _shard(logits, tp_group, vocab_size)
+    chunk = _chunk_tokens(chunk_size, shard.local_size)
     flat = logits.reshape(-1, logits.shape[-1])
     flat_ids = None if ids is None else _flat_ids(ids, logits, shard.vocab_size)
-    return _VocabStats.apply(flat, flat_ids, shard, float(temperature), int(chunk_size), softmax, entropy)
+    return _VocabStats.apply(flat, flat_ids, shard, float(temperature), chunk, softmax, entropy)
 
 
 def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, tp_group, temperature: float = 1.0,
-                vocab_size: Optional[int] = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                vocab_size: Optional[int] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
     """log softmax(logits / T)[ids] over the full unpadded vocabulary: logits ``[..., V/tp]``, ids ``[...]`` -> ``[...]``
     or ids ``[..., K]`` -> ``[..., K]`` (float32). Backward: d/dlogits = (onehot_local(ids) - p_local) * g / T.
     ids outside [0, vocab_size) raise a ValueError."""
@@ -246,7 +255,7 @@ def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, tp_group, temperature: 
 
 
 def entropy(logits: torch.Tensor, tp_group, temperature: float = 1.0, vocab_size: Optional[int] = None,
-            chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+            chunk_size: Optional[int] = None) -> torch.Tensor:
     """H = -sum_v p_v log p_v with p = softmax(logits / T) over the full unpadded vocabulary: ``[..., V/tp]`` ->
     ``[...]`` float32. Backward: dH/dx_v = -p_v (log p_v + H), divided by T for the logits."""
     _, ent, _ = _vocab_stats(logits, None, tp_group, temperature, vocab_size, chunk_size, True, True)
@@ -257,7 +266,7 @@ def gather_at(logits: torch.Tensor, ids: torch.Tensor, tp_group, vocab_size: Opt
     """Raw logits at global ids: ``[..., V/tp]`` with ids ``[..., K]`` (or ``[...]``) -> ``[..., K]`` (or ``[...]``)
     float32. Each id lives on one rank: local gather, 0 elsewhere, summed over TP (one all-gather of [n, K]).
     Backward scatters the grad into the owning shard, without communication."""
-    _, _, x_ids = _vocab_stats(logits, ids, tp_group, 1.0, vocab_size, DEFAULT_CHUNK_SIZE, False, False)
+    _, _, x_ids = _vocab_stats(logits, ids, tp_group, 1.0, vocab_size, None, False, False)
     return x_ids.view(ids.shape)
 
 
@@ -268,7 +277,7 @@ def _pack_candidates(floats: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def topk(logits: torch.Tensor, k: int, tp_group, temperature: float = 1.0, vocab_size: Optional[int] = None,
-         chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[torch.Tensor, torch.Tensor]:
+         chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact global top-k of log softmax(logits / T) over the unpadded vocabulary: ``[..., V/tp]`` -> (values
     ``[..., k]`` float32 full-vocabulary log-probs, ids ``[..., k]`` int64 global ids), sorted descending.
 
@@ -276,13 +285,14 @@ def topk(logits: torch.Tensor, k: int, tp_group, temperature: float = 1.0, vocab
     (m_r, log s_r); one all-gather of [m_r, log s_r, k values, k ids] per position (TP * (2 + 2k) * 4 bytes)
     gives every rank the TP*k candidates, of which the top-k is the global one. No gradient: the result is a
     constant (the teacher's support and its log-probs are targets)."""
-    _check_args(logits, temperature, chunk_size)
+    _check_args(logits, temperature)
     shard = _shard(logits, tp_group, vocab_size)
+    chunk = _chunk_tokens(chunk_size, shard.local_size)
     if not 0 < k <= shard.vocab_size:
         raise ValueError(f"k must be in [1, vocab_size={shard.vocab_size}], got {k}")
     flat = logits.reshape(-1, logits.shape[-1])
     n = flat.shape[0]
-    m, log_s, _ = _local_softmax_stats(flat, shard, temperature, chunk_size, False)
+    m, log_s, _ = _local_softmax_stats(flat, shard, temperature, chunk, False)
     values = torch.full((n, k), float("-inf"), device=flat.device)
     ids = torch.zeros(n, k, dtype=torch.long, device=flat.device)
     local_k = min(k, shard.valid)

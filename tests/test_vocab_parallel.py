@@ -254,4 +254,5 @@ def test_chunking_keeps_inputs_untouched_and_gives_same_result():
     ids = torch.randint(0, 40, (11,))
     a = vp.logprobs_at(logits, ids, None, chunk_size=1)
     b = vp.logprobs_at(logits, ids, None, chunk_size=1000)
-    assert torch.equal(logits, before) and (a - b).abs().max() <= 1e-6
+    c = vp.logprobs_at(logits, ids, None)  # default chunk: CHUNK_ELEMENTS float32
+    assert torch.equal(logits, before) and (a - b).abs().max() <= 1e-6 and (a - c).abs().max() <= 1e-6
