@@ -3,6 +3,8 @@ the errors bad inputs give."""
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from safetensors.torch import load_file, save_file
 from distributed import run_distributed
 from megatron_bpd.models.qwen3.hf_io import HFReader, HFWriter, copy_side_files
 from megatron_bpd.models.tiny import make_tiny_qwen3
+
+TOOLS = str(Path(__file__).resolve().parents[1] / "tools")
 
 TINY = {  # tied bf16 in one file; untied fp32 in shards with an index
     "tied": dict(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32, ffn=128, vocab=1000, tied=True,
@@ -62,9 +66,7 @@ def dirs(tmp_path_factory):
 def _convert_and_export(rank, world, dirs):
     """Run the two tools in place (run_parallel sees RANK) over two processes: convert each model, export it at
     another layout; then feed the broken checkpoints to the converter and report its errors."""
-    import sys
-
-    sys.path.insert(0, "tools")
+    sys.path.insert(0, TOOLS)
     from convert_hf_qwen3 import main as convert
     from export_hf_qwen3 import main as export
 
@@ -125,9 +127,7 @@ def test_bad_checkpoints_fail_clearly(converted):
 
 
 def test_converter_rejects_bad_configs_before_starting(dirs, tmp_path):
-    import sys
-
-    sys.path.insert(0, "tools")
+    sys.path.insert(0, TOOLS)
     from convert_hf_qwen3 import main as convert
 
     with pytest.raises(ValueError, match="TP=4 does not divide the 2 KV groups"):

@@ -154,3 +154,25 @@ def test_logits_match_transformers(parity, tiny_dirs, layout, name):
     diff = (logits[..., :vocab] - ref[name]).abs().max().item()
     assert diff <= 1e-5, f"max abs diff {diff}"
     assert ref[name].abs().max() > 1  # logits are O(1): the comparison is not trivially small
+
+
+def test_make_tiny_tool_writes_a_folder_transformers_loads(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_tiny_qwen3 import main
+
+    main(["--out", str(tmp_path), "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+          "--head-dim", "16", "--ffn", "64", "--vocab", "400", "--untied", "--seed", "7"])
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = tok.apply_chat_template([{"role": "user", "content": "Compute 12 + 30."}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|im_start|>user\nCompute 12 + 30.<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, return_tensors="pt").input_ids
+    assert tok.decode(ids[0]) == text and len(tok) <= 400
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not model.config.tie_word_embeddings and model(ids).logits.shape == (1, ids.shape[1], 400)
+    assert Qwen3Arch.from_hf(tmp_path).padded_vocab_size(1) == 512
