@@ -38,8 +38,9 @@ void check_drift_inputs(const at::Tensor& cur, const at::Tensor& old, const at::
               "cur must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(old.scalar_type() == dtype, "old must have the dtype of cur (", dtype, "), got ", old.scalar_type());
   TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
-  TORCH_CHECK(old.device() == cur.device() && mask.device() == cur.device(), "cur, old and mask must be on one device, got ",
-              cur.device(), ", ", old.device(), " and ", mask.device());
+  TORCH_CHECK(old.device() == cur.device() && mask.device() == cur.device(),
+              "cur, old and mask must be on one device, got ", cur.device(), ", ", old.device(), " and ",
+              mask.device());
   TORCH_CHECK(statistic >= kSignedMean && statistic <= kRms,
               "statistic must be 0 (signed_mean), 1 (abs_mean) or 2 (rms), got ", statistic);
   check_segments(seg_start, seg_end, cur);

@@ -23,7 +23,11 @@ enum GateFn : int64_t { kExpGate = 0, kHardGate = 1 };
 constexpr int64_t kNoBadPosition = INT64_MAX;
 
 C10_HOST_DEVICE inline bool is_finite(float x) {
-  return (x - x) == 0.0f;  // false for +-inf and NaN, true otherwise
+#if defined(__CUDA_ARCH__)
+  return isfinite(x);
+#else
+  return std::isfinite(x);
+#endif
 }
 
 // f(d_t): the per-position term summed over a segment.

@@ -162,6 +162,9 @@ def test_hand_computed(backend):
     assert int(ops.block_drift_gates(*hand_inputs(cur=HAND["cur"][:4] + [math.inf] + HAND["cur"][5:]))[4]) == 4
     assert int(ops.block_drift_gates(*hand_inputs(old=HAND["old"][:2] + [math.nan] + HAND["old"][3:]))[4]) == 2
     assert int(ops.block_drift_gates(*hand_inputs(cur=HAND["cur"][:7] + [math.nan]))[4]) == -1
+    # finite inputs whose drift overflows are not "bad" (the sum is inf, first_bad stays -1)
+    seg_sum, _, first_bad = ops.segment_drift_stats(*hand_inputs(cur=[3e38] * 8, old=[-3e38] * 8))
+    assert seg_sum.tolist() == [math.inf, math.inf] and int(first_bad) == -1
     with pytest.raises(ValueError, match="non-finite log-prob at valid position 4"):
         ops.raise_if_bad(ops.segment_drift_stats(*hand_inputs(cur=HAND["cur"][:4] + [-math.inf] + HAND["cur"][5:]))[2])
 

@@ -26,6 +26,12 @@ int segment_threads(int64_t n, int64_t num_segments) {
   return threads;
 }
 
+// One block per segment.
+unsigned int segment_blocks(int64_t num_segments) {
+  TORCH_CHECK(num_segments <= INT32_MAX, "at most 2^31 - 1 segments on CUDA, got ", num_segments);
+  return static_cast<unsigned int>(num_segments);
+}
+
 template <typename T>
 __device__ T warp_sum(T v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
@@ -131,8 +137,10 @@ at::Tensor reduce_segments(const at::Tensor& cur_in, const at::Tensor& old_in, c
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor first_bad = at::full({}, kNoBadPosition, cur.options().dtype(at::kLong));
   if (num_segments > 0) {
+    const unsigned int blocks = segment_blocks(num_segments);
+    const int threads = segment_threads(n, num_segments);
     MEGATRON_BPD_DISPATCH_LOGPROB_TYPES(cur.scalar_type(), "segment_drift_cuda", [&] {
-      segment_reduce_kernel<scalar_t><<<num_segments, segment_threads(n, num_segments), 0, stream>>>(
+      segment_reduce_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
           cur.data_ptr<scalar_t>(), old.data_ptr<scalar_t>(), mask.data_ptr<bool>(), seg_start.data_ptr<int64_t>(),
           seg_end.data_ptr<int64_t>(), out, first_bad.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -151,7 +159,8 @@ void broadcast_segments(const at::Tensor& value, const at::Tensor& seg_start, co
     out.fill_(1.0f);
     return;
   }
-  broadcast_kernel<<<num_segments, segment_threads(n, num_segments), 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  broadcast_kernel<<<segment_blocks(num_segments), segment_threads(n, num_segments), 0, stream>>>(
       value.data_ptr<float>(), seg_start.data_ptr<int64_t>(), seg_end.data_ptr<int64_t>(), num_segments, n,
       out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,0 +1,150 @@
+"""Benchmark block_drift_gates: the extension, the PyTorch reference and a memory-bandwidth floor.
+
+Layout: n tokens as sequences of 2048 (the last one cut at n), each with 256 ungated prompt positions and then
+Block-64 segments over the response; mask ~90% true; float32 log-probs; signed mean, exp gate, normalized.
+The floor ("copy") copies the buffers the op must touch into preallocated outputs: cur, old, mask (what it reads)
+and a float32 [n] buffer (what it writes), i.e. the op's 13 bytes per position, each read once and written once.
+Times are medians over --repeats calls after 2 warmup calls; CPU runs use torch.set_num_threads(t) for each t in
+--threads (default 2); CUDA runs (when a GPU is visible) synchronize around each call.
+
+    python bench/bench_block_drift.py                       # print the table
+    python bench/bench_block_drift.py --write BENCHMARKS.md # also replace the section in that file
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_bpd import ops
+
+SECTION = "## Block drift gate (issue 2)"
+SEQUENCE, PROMPT, BLOCK = 2048, 256, 64
+
+
+def block_layout(n, device):
+    """Block-64 segments over the responses of ceil(n / 2048) sequences (int64 seg_start, seg_end)."""
+    seq_starts = torch.arange(0, n, SEQUENCE, device=device)
+    offsets = torch.arange(PROMPT, SEQUENCE, BLOCK, device=device)
+    starts = (seq_starts[:, None] + offsets[None, :]).flatten()
+    starts = starts[starts < n]
+    return starts, torch.clamp(starts + BLOCK, max=n)
+
+
+def inputs(n, device):
+    gen = torch.Generator().manual_seed(0)
+    old = -3 * torch.rand(n, generator=gen)
+    cur = old + 0.1 * torch.randn(n, generator=gen)
+    mask = torch.rand(n, generator=gen) < 0.9
+    return (cur.to(device), old.to(device), mask.to(device), *block_layout(n, device))
+
+
+def median_ms(fn, repeats, device):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def bench(n, device, repeats):
+    args = inputs(n, device)
+    cur, old, mask = args[:3]
+    copies = [(torch.empty_like(x), x) for x in (cur, old, mask, torch.rand(n, device=device))]
+
+    def extension():
+        ops.set_backend("extension")
+        ops.block_drift_gates(*args)
+
+    def reference():
+        ops.set_backend("reference")
+        ops.block_drift_gates(*args)
+
+    def copy():
+        for dst, src in copies:
+            dst.copy_(src)
+
+    return [median_ms(fn, repeats, device) for fn in (extension, reference, copy)]
+
+
+def table(rows):
+    lines = ["| device | n | extension ms | reference ms | copy ms | ref/ext | ext/copy |",
+             "|---|---|---|---|---|---|---|"]
+    for device, n, ext, ref, cp in rows:
+        lines.append(f"| {device} | {n:.0e} | {ext:.3f} | {ref:.3f} | {cp:.3f} | {ref / ext:.1f}x | {ext / cp:.2f}x |")
+    return "\n".join(lines)
+
+
+def cpu_name():
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return f"{platform.machine()} ({os.cpu_count()} cores)"
+
+
+def write_section(path, text):
+    """Replace (or append) this benchmark's section of a Markdown file; other sections are left as they are."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = old.find(SECTION)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
+    path.write_text(new)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="CPU thread counts to run")
+    parser.add_argument("--write", metavar="MARKDOWN", help="replace the benchmark's section in this file")
+    cli = parser.parse_args()
+    if not ops.extension_available():
+        raise SystemExit("megatron_bpd._C is not built: pip install -e . first")
+    runs = [(torch.device("cpu"), threads, f"cpu, {threads} threads") for threads in cli.threads]
+    if torch.cuda.is_available():
+        runs.append((torch.device("cuda"), max(cli.threads), torch.cuda.get_device_name()))
+    load_before = os.getloadavg()[0]
+    rows = []
+    for device, threads, name in runs:
+        torch.set_num_threads(threads)
+        for size in cli.sizes:
+            rows.append((name, int(size), *bench(int(size), device, cli.repeats)))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    result = table(rows)
+    print(result)
+    if cli.write:
+        command = " ".join(["python", *sys.argv])
+        load = f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (machine shared)"
+        gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+        text = (f"{SECTION}\n\n`block_drift_gates` (float32 log-probs, Block-64 over sequences of 2048 with 256 "
+                f"ungated prompt positions, mask ~90% true, signed mean, exp gate, normalized). Median ms after "
+                f"warmup; CPU rows with torch.set_num_threads(t) for the t shown. copy = copying the op's input and "
+                f"output buffers (13 bytes/position) into preallocated tensors.\n\n"
+                f"Command: `{command}`\n\n"
+                f"Machine: {cpu_name()}{gpu}; "
+                f"torch {torch.__version__}, Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}; "
+                f"{load}.\n\n"
+                f"{result}\n")
+        write_section(cli.write, text)
+
+
+if __name__ == "__main__":
+    main()
