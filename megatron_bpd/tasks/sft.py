@@ -1,0 +1,257 @@
+"""Supervised fine-tuning of tiny HF Qwen3 models on the addition task, greedy accuracy, and the cached
+teacher/student pair of the CPU demo and the toy reproduction.
+
+Plain PyTorch + transformers on CPU: the prompt goes through the chat template (``add_generation_prompt``), the
+solution and ``<|im_end|>`` follow, and the loss covers only the solution tokens and that end token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from megatron_bpd.tasks.arithmetic import Problem, check, make_dataset
+
+CACHE_VERSION = 1
+
+
+def _prompt_ids(tokenizer, prompt_text: str) -> List[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text}], add_generation_prompt=True,
+                                        tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return list(ids)
+
+
+def encode_example(tokenizer, problem: Problem) -> Tuple[List[int], List[int]]:
+    """(input ids, labels): chat-templated prompt (labels -100), then solution + ``<|im_end|>`` (labels = ids)."""
+    prompt = _prompt_ids(tokenizer, problem.prompt_text)
+    response = list(tokenizer(problem.solution_text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return prompt + response, [-100] * len(prompt) + response
+
+
+def _collate(examples: Sequence[Tuple[List[int], List[int]]], pad_id: int):
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, :len(x)] = torch.tensor(x)
+        labels[i, :len(y)] = torch.tensor(y)
+        mask[i, :len(x)] = 1
+    return ids, labels, mask
+
+
+def sft_loss(model, ids, labels, mask) -> torch.Tensor:
+    """Mean next-token cross entropy over the labelled (solution) positions."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+def train_sft(model_dir: Union[str, Path], problems: Sequence[Problem], steps: int, lr: float, batch_size: int,
+              seed: int, out_dir: Union[str, Path], *, warmup: int = 20, weight_decay: float = 0.01,
+              min_lr_ratio: float = 0.1, grad_clip: float = 1.0, threads: Optional[int] = None,
+              progress: bool = True, log: Optional[list] = None) -> Path:
+    """Fine-tune the HF model in ``model_dir`` on ``problems`` (AdamW, linear warmup then cosine decay to
+    ``min_lr_ratio * lr``, batches drawn with ``random.Random(seed)``) and save model + tokenizer to ``out_dir``.
+    ``log`` (a list), when given, receives the loss of every step."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    examples = [encode_example(tokenizer, p) for p in problems]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+    def lr_at(step):
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    rng = random.Random(seed)
+    order: List[int] = []
+    bar = tqdm(range(steps), desc=f"sft {Path(out_dir).name}", disable=not progress, leave=False)
+    ema = None
+    for step in bar:
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        batch, order = order[:batch_size], order[batch_size:]
+        ids, labels, mask = _collate([examples[i] for i in batch], tokenizer.pad_token_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = sft_loss(model, ids, labels, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        value = loss.item()
+        if log is not None:
+            log.append(value)
+        ema = value if ema is None else 0.9 * ema + 0.1 * value
+        bar.set_postfix(loss=f"{ema:.4f}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def max_new_tokens_for(digits: int) -> int:
+    """Enough new tokens for a correct solution of ``digits``-digit operands (12 per column + answer lines)."""
+    return 13 * digits + 2 * (digits + 2) + 16
+
+
+@torch.no_grad()
+def generate(model_dir_or_model, problems: Sequence[Problem], max_new_tokens: Optional[int] = None,
+             batch_size: int = 64, tokenizer=None, progress: bool = False) -> List[str]:
+    """Greedy responses (decoded, special tokens dropped) with left-padded batches, in the order of ``problems``."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model_dir_or_model, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir_or_model)
+        model = AutoModelForCausalLM.from_pretrained(model_dir_or_model, dtype=torch.float32)
+    else:
+        model = model_dir_or_model
+        assert tokenizer is not None, "pass the tokenizer with a model object"
+    model.eval()
+    order = sorted(range(len(problems)), key=lambda i: problems[i].digits)  # similar lengths share a batch
+    out: List[Optional[str]] = [None] * len(problems)
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        prompts = [_prompt_ids(tokenizer, problems[i].prompt_text) for i in idx]
+        width = max(map(len, prompts))
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        budget = max_new_tokens or max(max_new_tokens_for(problems[i].digits) for i in idx)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+    return out  # type: ignore[return-value]
+
+
+def accuracy(model_dir: Union[str, Path], problems: Sequence[Problem], max_new_tokens: Optional[int] = None,
+             batch_size: int = 64, by_digits: Optional[dict] = None) -> float:
+    """Fraction of ``problems`` solved exactly (``check``) by greedy decoding. ``by_digits`` (a dict), when
+    given, receives the accuracy per digit count."""
+    responses = generate(model_dir, problems, max_new_tokens, batch_size)
+    ok = [check(r, p.answer) for r, p in zip(responses, problems)]
+    if by_digits is not None:
+        for d in sorted({p.digits for p in problems}):
+            sel = [o for o, p in zip(ok, problems) if p.digits == d]
+            by_digits[d] = sum(sel) / len(sel)
+    return sum(ok) / max(1, len(ok))
+
+
+@dataclass
+class ModelSpec:
+    """Sizes of a tiny task model and its SFT schedule."""
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    ffn: int = 384
+    tied: bool = True
+    steps: int = 300
+    lr: float = 3e-3
+    batch_size: int = 16
+    warmup: int = 20
+
+
+@dataclass
+class PrepConfig:
+    """Everything that determines the prepared pair (the cache key is a hash of this)."""
+    seed: int = 0
+    digits: Tuple[int, int] = (2, 4)
+    n_train: int = 20000
+    n_test: int = 200
+    teacher: ModelSpec = field(default_factory=ModelSpec)
+    student: ModelSpec = field(default_factory=lambda: ModelSpec(layers=2, hidden=64, heads=4, kv_heads=2,
+                                                                 head_dim=16, ffn=192, steps=100))
+
+    def key(self) -> str:
+        blob = json.dumps({"version": CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def datasets(cfg: PrepConfig) -> Tuple[List[Problem], List[Problem]]:
+    """(train, test) problems of the preparation; the test set shares no problem with the train set."""
+    train = make_dataset(cfg.n_train, cfg.seed * 2 + 1, tuple(cfg.digits))
+    test = make_dataset(cfg.n_test, cfg.seed * 2 + 2, tuple(cfg.digits), exclude=train)
+    return train, test
+
+
+def _build(spec: ModelSpec, init_dir: Path, out: Path, train: Sequence[Problem], seed: int, threads, progress) -> float:
+    from megatron_bpd.tasks.models import make_task_model
+
+    t0 = time.perf_counter()
+    make_task_model(init_dir, layers=spec.layers, hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads,
+                    head_dim=spec.head_dim, ffn=spec.ffn, tied=spec.tied, seed=seed)
+    train_sft(init_dir, train, spec.steps, spec.lr, spec.batch_size, seed, out, warmup=spec.warmup, threads=threads,
+              progress=progress)
+    shutil.rmtree(init_dir, ignore_errors=True)
+    return time.perf_counter() - t0
+
+
+def prepare_teacher_and_student(out_dir: Union[str, Path], seed: int = 0, *, config: Optional[PrepConfig] = None,
+                                threads: Optional[int] = 2, progress: bool = True, verbose: bool = True) -> dict:
+    """Make (or reuse) a SFT-trained teacher and a weaker student for the addition task under
+    ``out_dir/<hash of the config>/{teacher,student}`` and return the summary: paths, greedy accuracies on the
+    held-out test set (overall and per digit count), seconds spent, and the config. A second call with the same
+    parameters finds ``summary.json`` and returns it without training."""
+    cfg = config or PrepConfig(seed=seed)
+    if config is not None and seed != cfg.seed:
+        cfg = PrepConfig(**{**asdict(cfg), "seed": seed, "teacher": cfg.teacher, "student": cfg.student})
+    root = Path(out_dir) / cfg.key()
+    summary_path = root / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        summary["cached"] = True
+        if verbose:
+            print(f"[tasks] reusing {root}: teacher acc {summary['teacher']['accuracy']:.3f}, "
+                  f"student acc {summary['student']['accuracy']:.3f}")
+        return summary
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    train, test = datasets(cfg)
+    summary = {"dir": str(root), "config": asdict(cfg), "cached": False, "torch_threads": torch.get_num_threads()}
+    for role, spec, model_seed in (("teacher", cfg.teacher, cfg.seed), ("student", cfg.student, cfg.seed + 1000)):
+        train_s = _build(spec, root / f"{role}_init", root / role, train, model_seed, threads, progress)
+        t0 = time.perf_counter()
+        per_digits: dict = {}
+        acc = accuracy(root / role, test, by_digits=per_digits)
+        summary[role] = {"path": str(root / role), "accuracy": acc, "accuracy_by_digits": per_digits,
+                         "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1)}
+        if verbose:
+            print(f"[tasks] {role}: greedy accuracy {acc:.3f} on {len(test)} held-out problems "
+                  f"(by digits {per_digits}); train {train_s:.0f}s, eval {summary[role]['eval_seconds']:.0f}s")
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    if verbose:
+        print(f"[tasks] prepared in {summary['total_seconds']:.0f}s -> {root}")
+    summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return summary

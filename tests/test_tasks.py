@@ -1,0 +1,116 @@
+"""The addition task: exact checker, difficulty vs length, determinism, task tokenizer, a micro SFT run."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from megatron_bpd.tasks.arithmetic import (check, extract_answer, make_dataset, make_problem, read_problems_jsonl,
+                                           solution_lines, write_prompts_jsonl)
+
+torch.set_num_threads(1)
+
+
+def test_solution_is_correct_column_addition():
+    lines = solution_lines(4821, 3977)
+    assert lines == ["1+7+0=8 write 8 carry 0", "2+7+0=9 write 9 carry 0", "8+9+0=17 write 7 carry 1",
+                     "4+3+1=8 write 8 carry 0", "answer: 8798", "\\boxed{8798}"]
+    assert solution_lines(95, 7)[-2:] == ["answer: 102", "\\boxed{102}"]
+
+
+@pytest.mark.parametrize("digits", [1, 2, 5, 8])
+def test_checker_accepts_generated_solutions(digits):
+    rng = random.Random(digits)
+    for _ in range(50):
+        p = make_problem(rng, digits)
+        assert p.answer == str(p.a + p.b) and len(str(p.a)) == len(str(p.b)) == digits
+        assert check(p.solution_text, p.answer)
+        assert check(p.solution_text + "<|im_end|>", int(p.answer))
+        assert check(p.solution_text.rsplit("\n", 1)[0], p.answer)  # without the \boxed line
+        assert extract_answer(p.solution_text) == p.answer
+
+
+def test_checker_rejects_corrupted_solutions():
+    p = make_problem(random.Random(0), 5)
+    wrong = str(int(p.answer) + 1)
+    body, answer_line, boxed = p.solution_text.rsplit("\n", 2)
+    bad = [
+        p.solution_text.replace(f"answer: {p.answer}", f"answer: {wrong}"),          # wrong answer digit
+        body,                                                                         # missing answer line
+        body + "\n" + boxed,                                                          # boxed but no answer line
+        p.solution_text + "\nand some more text",                                     # extra text after
+        p.solution_text + " extra",                                                   # extra text on the line
+        body + "\n" + answer_line + "\n\\boxed{" + wrong + "}",                       # boxed disagrees
+        f"answer: {p.answer}\n" + body,                                               # answer not last
+        "",
+    ]
+    for text in bad:
+        assert not check(text, p.answer), text
+    assert not check(p.solution_text, wrong)
+
+
+def test_difficulty_grows_response_length():
+    from megatron_bpd.tasks.models import task_tokenizer
+
+    tok = task_tokenizer()
+    mean_tokens, mean_lines = [], []
+    for digits in range(2, 9):
+        ps = make_dataset(20, 0, digits)
+        assert all(p.digits == digits for p in ps)
+        mean_lines.append(sum(p.solution_text.count("\n") + 1 for p in ps) / len(ps))
+        mean_tokens.append(sum(len(tok(p.solution_text)["input_ids"]) for p in ps) / len(ps))
+    assert mean_lines == [d + 2 for d in range(2, 9)]
+    assert all(b > a + 10 for a, b in zip(mean_tokens, mean_tokens[1:])), mean_tokens
+
+
+def test_dataset_determinism_and_held_out(tmp_path):
+    a, b = make_dataset(100, 7, (2, 6)), make_dataset(100, 7, (2, 6))
+    assert a == b and make_dataset(100, 8, (2, 6)) != a
+    assert {p.digits for p in a} == {2, 3, 4, 5, 6}
+    held = make_dataset(50, 9, (2, 3), exclude=a)
+    assert not {(p.a, p.b) for p in held} & {(p.a, p.b) for p in a}
+    path = write_prompts_jsonl(tmp_path / "x.jsonl", a[:5])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [set(r) for r in rows] == [{"prompt", "answer", "digits"}] * 5
+    assert rows[0] == {"prompt": a[0].prompt_text, "answer": a[0].answer, "digits": a[0].digits}
+    assert read_problems_jsonl(path) == a[:5]
+
+
+def test_task_tokenizer_round_trips_and_has_task_tokens():
+    from megatron_bpd.tasks.models import task_tokenizer
+
+    tok = task_tokenizer()
+    vocab = tok.get_vocab()
+    for piece in ("Ġwrite", "Ġcarry", "answer", ":", "Ċ", "+", "=", *"0123456789"):
+        assert piece in vocab, piece
+    assert [tok.convert_ids_to_tokens(i) for i in range(3)] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    texts = [p.prompt_text + "\n" + p.solution_text for p in make_dataset(30, 3, (1, 9))]
+    texts += ["Héllo wörld ✓ 12,345.6\t\n  x", "\\boxed{00123}"]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    ids = tok("123456 write", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5", "6", "Ġwrite"]  # one token per digit
+
+
+def test_micro_sft_decreases_loss_and_writes_loadable_folder(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_bpd.tasks.models import make_task_model
+    from megatron_bpd.tasks.sft import accuracy, encode_example, train_sft
+
+    init = make_task_model(tmp_path / "init", layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16, ffn=64, seed=0)
+    problems = make_dataset(64, 0, (2, 3))
+    log = []
+    out = train_sft(init, problems, steps=12, lr=1e-2, batch_size=8, seed=0, out_dir=tmp_path / "sft", warmup=2,
+                    progress=False, log=log)
+    assert sum(log[-3:]) / 3 < 0.8 * sum(log[:3]) / 3, log
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and tok.chat_template and tok.eos_token == "<|im_end|>"
+    ids, labels = encode_example(tok, problems[0])
+    n_prompt = labels.count(-100)
+    assert tok.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(ids[n_prompt:]) == problems[0].solution_text + "<|im_end|>"
+    assert 0.0 <= accuracy(out, problems[:4], max_new_tokens=8, batch_size=4) <= 1.0
