@@ -8,6 +8,8 @@ which asserts CUDA tensors (replaced by the same scaling, ``grad *= min(1, max_n
 The shim redirects exactly those to the CPU. It is applied only when no CUDA device exists and never on a GPU.
 """
 
+import contextlib
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -75,3 +77,18 @@ def apply_cpu_shim(seed: int) -> bool:
 
 def cpu_shim_applied() -> bool:
     return _applied
+
+
+@contextlib.contextmanager
+def tensor_cuda_is_noop_on_cpu():
+    """Without CUDA, ``Tensor.cuda()`` returns the tensor inside this block: GPTModel's constructor syncs the two
+    copies of tied embeddings across pipeline stages with ``weight.data.cuda()`` (PP > 1)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original

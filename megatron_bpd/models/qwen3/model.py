@@ -1,6 +1,5 @@
 """``build_model``: this rank's Megatron-Core GPTModel of a Hugging Face Qwen3 config for the current parallel state."""
 
-import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ...parallel.cpu_shim import tensor_cuda_is_noop_on_cpu
 from .config import Qwen3Arch, transformer_config
 
 
@@ -60,7 +60,7 @@ def build_model(
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
     padded_vocab = arch.padded_vocab_size(tp, vocab_divisible_by)
-    with _tensor_cuda_is_noop_on_cpu():
+    with tensor_cuda_is_noop_on_cpu():
         model = GPTModel(
             config, spec, vocab_size=padded_vocab, max_sequence_length=arch.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
@@ -69,21 +69,6 @@ def build_model(
         )
     model.qwen3 = Qwen3Info(arch, te, padded_vocab)
     return model
-
-
-@contextlib.contextmanager
-def _tensor_cuda_is_noop_on_cpu():
-    """Without CUDA, make ``Tensor.cuda()`` return the tensor while GPTModel is built: with tied embeddings and PP > 1
-    megatron syncs the embedding copies via ``weight.data.cuda()`` (megatron_bpd.parallel's CPU shim lacks this)."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
 
 
 def unwrap(model) -> torch.nn.Module:
