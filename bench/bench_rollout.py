@@ -4,7 +4,8 @@ For each concurrency c the same workload (``--requests-per-level`` x c requests,
 ``--new-tokens`` sampled tokens each, return_logprob on) runs twice against one server process:
   server: a bare aiohttp loop keeping c requests in flight (the server's capacity);
   client: ``generate_rollout`` through ``SGLangClient(max_concurrency=c)`` (parsing, checks, TrajectoryBatch).
-Reported: completion tokens/s of each and their ratio (client overhead; 1.0 = none).
+Reported: completion tokens/s of each, their ratio (client overhead; 1.0 = none), and the CPU time the calling
+process spends per request in each (the client's own cost, independent of the server and of machine load).
 
     OMP_NUM_THREADS=1 python bench/bench_rollout.py            # builds a small random Qwen3 in a temp dir
     python bench/bench_rollout.py --model HF_DIR --concurrency 1 2 4 8 16
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -47,7 +49,7 @@ def workload(count: int, prompt_len: int, vocab: int) -> list[list[int]]:
 
 
 async def bare(url: str, prompts, concurrency: int, new_tokens: int) -> tuple[int, float]:
-    """Keep ``concurrency`` requests in flight with a minimal client; (completion tokens, seconds)."""
+    """Keep ``concurrency`` requests in flight with a minimal client; (completion tokens, wall seconds)."""
     queue = asyncio.Queue()
     for i, p in enumerate(prompts):
         queue.put_nowait((i, p))
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per measurement")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the server process on the way out
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else make_model(Path(tmp) / "model", args.hidden, args.layers,
                                                                args.vocab)
@@ -96,12 +99,14 @@ def main() -> None:
             rows = []
             for c in args.concurrency:
                 prompts = workload(args.requests_per_level * c, args.prompt_len, args.vocab)
-                best = {"server": 0.0, "client": 0.0}
+                best, cpu = {"server": 0.0, "client": 0.0}, {"server": [], "client": []}
                 for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit both alike
                     for name, fn in (("server", bare), ("client", through_client)):
+                        cpu_start = time.process_time()
                         tokens, seconds = asyncio.run(fn(server.url, prompts, c, args.new_tokens))
                         best[name] = max(best[name], tokens / seconds)
-                rows.append((c, best["server"], best["client"]))
+                        cpu[name].append((time.process_time() - cpu_start) * 1e3 / len(prompts))
+                rows.append((c, best["server"], best["client"], min(cpu["server"]), min(cpu["client"])))
                 print(f"concurrency {c}: server {best['server']:.0f} tok/s, client {best['client']:.0f} tok/s",
                       file=sys.stderr, flush=True)
         finally:
@@ -111,10 +116,11 @@ def main() -> None:
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.requests_per_level} x c requests, "
           f"return_logprob; best of {args.repeats}; torch {torch.__version__}, Python {platform.python_version()}, "
           f"{cpu} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} (server: 1)\n")
-    print("| concurrency | server tokens/s | client tokens/s | client / server |")
-    print("|---:|---:|---:|---:|")
-    for c, s, cl in rows:
-        print(f"| {c} | {s:.0f} | {cl:.0f} | {cl / s:.2f} |")
+    print("| concurrency | server tokens/s | client tokens/s | client / server | caller CPU ms/request: bare | "
+          "caller CPU ms/request: client |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for c, s, cl, cpu_bare, cpu_client in rows:
+        print(f"| {c} | {s:.0f} | {cl:.0f} | {cl / s:.2f} | {cpu_bare:.1f} | {cpu_client:.1f} |")
 
 
 if __name__ == "__main__":

@@ -48,5 +48,5 @@ def main(argv: list[str] | None = None) -> None:
         engine.stop()
     server.app.on_startup.append(on_startup)
     server.app.on_cleanup.append(on_cleanup)
-    web.run_app(server.app, host=args.host, port=args.port, handler_cancellation=True, print=None,
-                access_log=None)
+    web.run_app(server.app, host=args.host, port=args.port, handler_cancellation=True, shutdown_timeout=1.0,
+                print=None, access_log=None)

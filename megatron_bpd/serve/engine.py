@@ -104,7 +104,8 @@ class Engine:
 
     @property
     def num_requests(self) -> int:
-        return len(self._running) + sum(len(g) for g in self._waiting)
+        """Sequences running or waiting (read from other threads: list() copies the deque atomically)."""
+        return len(self._running) + sum(map(len, list(self._waiting)))
 
     # ---- engine thread ----
     def _main(self) -> None:
