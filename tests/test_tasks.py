@@ -114,3 +114,17 @@ def test_micro_sft_decreases_loss_and_writes_loadable_folder(tmp_path):
     assert tok.decode(ids[:n_prompt]).endswith("<|im_start|>assistant\n")
     assert tok.decode(ids[n_prompt:]) == problems[0].solution_text + "<|im_end|>"
     assert 0.0 <= accuracy(out, problems[:4], max_new_tokens=8, batch_size=4) <= 1.0
+
+
+def test_prepare_caches_by_parameters(tmp_path, capsys):
+    from megatron_bpd.tasks.sft import ModelSpec, PrepConfig, prepare_teacher_and_student
+
+    micro = ModelSpec(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16, ffn=64, steps=2, batch_size=4, warmup=1)
+    cfg = PrepConfig(seed=3, digits=(2, 2), n_train=16, n_test=4, teacher=micro, student=micro)
+    first = prepare_teacher_and_student(tmp_path, 3, config=cfg, threads=None, progress=False)
+    assert not first["cached"] and 0 <= first["teacher"]["accuracy"] <= 1 and 0 <= first["student"]["accuracy"] <= 1
+    assert (tmp_path / cfg.key() / "teacher" / "config.json").exists()
+    assert "greedy accuracy" in capsys.readouterr().out
+    again = prepare_teacher_and_student(tmp_path, 3, config=cfg, threads=None, progress=False)
+    assert again["cached"] and again["teacher"]["accuracy"] == first["teacher"]["accuracy"]
+    assert PrepConfig(seed=4, digits=(2, 2), n_train=16, n_test=4, teacher=micro, student=micro).key() != cfg.key()

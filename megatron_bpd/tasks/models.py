@@ -9,6 +9,7 @@ are then replaced by the task tokenizer.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Union
 
@@ -19,7 +20,15 @@ TOKENIZER_VOCAB = 320  # bytes (256) + specials (3) + the merges the task text n
 
 
 def train_task_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0):
-    """A ``tokenizers.Tokenizer``: digits split one per token, byte-level BPE merges trained on task text."""
+    """A ``tokenizers.Tokenizer``: digits split one per token, byte-level BPE merges trained on task text
+    (trained once per process and arguments, a fresh object every call)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_trained_tokenizer_json(vocab_size, seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_tokenizer_json(vocab_size: int, seed: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -32,8 +41,8 @@ def train_task_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(task_corpus(seed), trainer=trainer)
-    return tok
+    tok.train_from_iterator(task_corpus(seed, n=600, digits=(1, 8)), trainer=trainer)
+    return tok.to_str()
 
 
 def task_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0):

@@ -13,7 +13,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -73,7 +73,12 @@ def train_sft(model_dir: Union[str, Path], problems: Sequence[Problem], steps: i
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
-    examples = [encode_example(tokenizer, p) for p in problems]
+    encoded: dict = {}  # problems are encoded when first drawn (a long list costs nothing up front)
+
+    def example(i):
+        if i not in encoded:
+            encoded[i] = encode_example(tokenizer, problems[i])
+        return encoded[i]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -91,9 +96,9 @@ def train_sft(model_dir: Union[str, Path], problems: Sequence[Problem], steps: i
     ema = None
     for step in bar:
         if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
+            order += rng.sample(range(len(problems)), len(problems))
         batch, order = order[:batch_size], order[batch_size:]
-        ids, labels, mask = _collate([examples[i] for i in batch], tokenizer.pad_token_id)
+        ids, labels, mask = _collate([example(i) for i in batch], tokenizer.pad_token_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss = sft_loss(model, ids, labels, mask)
@@ -223,8 +228,8 @@ def prepare_teacher_and_student(out_dir: Union[str, Path], seed: int = 0, *, con
     held-out test set (overall and per digit count), seconds spent, and the config. A second call with the same
     parameters finds ``summary.json`` and returns it without training."""
     cfg = config or PrepConfig(seed=seed)
-    if config is not None and seed != cfg.seed:
-        cfg = PrepConfig(**{**asdict(cfg), "seed": seed, "teacher": cfg.teacher, "student": cfg.student})
+    if cfg.seed != seed:
+        cfg = replace(cfg, seed=seed)
     root = Path(out_dir) / cfg.key()
     summary_path = root / "summary.json"
     if summary_path.exists():
