@@ -239,3 +239,25 @@ def test_server_killed_mid_rollout_loses_and_duplicates_nothing(servers, model_d
     assert len(batch) == 16 and batch.prompt_index == reference.prompt_index
     assert batch.response_ids == reference.response_ids
     assert all(len(r) == 64 for r in batch.response_ids) and set(batch.finish_reason) == {"length"}
+
+
+def test_aborted_responses_are_kept_and_marked(servers, model_dir):
+    """pause_generation(abort) mid-rollout: the cut responses come back marked "abort", with their log-probs."""
+    urls = [s.url for s in servers]
+    config = RolloutConfig(n_samples=2, seed=9, sampling=SamplingParams(max_new_tokens=400, ignore_eos=True))
+
+    async def main(client):
+        task = asyncio.create_task(generate_rollout(client, PROMPTS, config))
+        while sum([await asyncio.to_thread(num_running, u) for u in urls]) < 6:
+            await asyncio.sleep(0.01)
+        await client.post_all("/pause_generation", {"mode": "abort"})
+        await client.post_all("/continue_generation", {})
+        return await task
+    batch = run(main, urls)
+    assert len(batch) == 6 and set(batch.finish_reason) == {"abort"}
+    ref = load_reference(model_dir)
+    for b in range(6):
+        assert len(batch.response_ids[b]) < 400
+        if batch.response_ids[b]:
+            _, expect = ref_response_logprobs(ref, batch.prompt_ids[b], batch.response_ids[b])
+            torch.testing.assert_close(torch.tensor(batch.behavior_logprobs[b]), expect, atol=1e-5, rtol=0)
