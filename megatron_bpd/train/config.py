@@ -18,10 +18,16 @@ from .setup import OptimizerSettings
 
 @dataclass
 class ModelSettings:
-    """Student (trained) and its initial weights: an HF folder or a Megatron checkpoint made by tools/."""
+    """Student (trained) and its initial weights: an HF folder or a Megatron checkpoint made by tools/.
+    ``precision`` "bf16" trains in bfloat16 with float32 main weights in the optimizer (GPU clusters); "fp32"."""
 
     student: str = ""
     student_megatron_checkpoint: Optional[str] = None
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"model.precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
 
 @dataclass
@@ -162,10 +168,24 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = yaml.safe_load(value)
 
 
+def read_yaml(path) -> dict:
+    """A config file as nested dicts; ``base: other.yaml`` (relative to the file) is read first and this file's
+    keys are merged over it, section by section."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    base = data.pop("base", None)
+    return _merge(read_yaml(Path(path).parent / base), data) if base else data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path: Optional[str] = None, overrides=()) -> TrainConfig:
     """A TrainConfig from a YAML file (or defaults) and ``key.sub=value`` overrides."""
-    data = yaml.safe_load(Path(path).read_text()) if path else {}
-    data = data or {}
+    data = read_yaml(path) if path else {}
     for override in overrides:
         apply_override(data, override)
     return from_dict(TrainConfig, data)

@@ -55,6 +55,9 @@ class Trainer:
         if c.loss.kind == "sampled_token" and c.loss.temperature != c.rollout.temperature:
             raise ValueError(f"loss.temperature={c.loss.temperature} must equal rollout.temperature="
                              f"{c.rollout.temperature}: behavior log-probs are at the rollout temperature")
+        if c.model.precision == "bf16" and not torch.cuda.is_available():
+            raise ValueError("model.precision=bf16 needs CUDA devices (Megatron's mixed-precision optimizer takes only "
+                             "CUDA tensors); use model.precision=fp32 on CPU")
         parallel.initialize(tp=c.parallel.tp, pp=c.parallel.pp, cp=c.parallel.cp, seed=c.seed)
         self.rank, self.main = dist.get_rank(), dist.get_rank() == 0
         self.out = Path(c.out)
@@ -63,17 +66,18 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(c.model.student)
         self.vocab_size = Qwen3Arch.from_hf(c.model.student).vocab_size
         self.loss_config = dataclasses.replace(c.loss, vocab_size=self.vocab_size)
-        self.model = build_model(c.model.student)
+        precision = {"bf16": True, "params_dtype": torch.bfloat16} if c.model.precision == "bf16" else {}
+        self.model = build_model(c.model.student, **precision)
         if c.model.student_megatron_checkpoint:
             load_megatron_checkpoint(self.model, c.model.student_megatron_checkpoint)
         else:
             load_hf_weights(self.model, c.model.student, progress=self.main)
-        self.ddp, self.optimizer = wrap_for_training(self.model, c.optimizer)
+        self.ddp, self.optimizer = wrap_for_training(_mixed_precision(self.model), c.optimizer)
         self.teacher_model = None
         if c.teacher.source == "megatron":
-            self.teacher_model = build_model(c.teacher.model)
-            load_hf_weights(self.teacher_model, c.teacher.model, progress=self.main)
-            self.teacher_model.eval()
+            teacher = build_model(c.teacher.model, **precision)
+            load_hf_weights(teacher, c.teacher.model, progress=self.main)
+            self.teacher_model = _mixed_precision(teacher).eval()
         self.dataset = PromptDataset(c.data.prompts, self.tokenizer, c.data.prompt_template,
                                      c.data.apply_chat_template, c.data.max_prompt_len, c.seed, c.data.shuffle)
         self.newline_ids = newline_token_ids(self.tokenizer) if c.loss.gate.granularity == "span" else []
@@ -222,7 +226,7 @@ class Trainer:
         tp_group, temperature = ps.get_tensor_model_parallel_group(), self.config.rollout.temperature
         fn = lambda logits, batch: {"lp": logprobs_at(logits, batch.labels, tp_group, temperature,  # noqa: E731
                                                       self.vocab_size)}
-        scores = self._score(self.model, data, fn)
+        scores = self._score(self.ddp, data, fn)
         data.old_logprobs = {b: s["lp"] for b, s in scores.items()}
         if ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
             for b, lp in data.old_logprobs.items():
@@ -294,7 +298,7 @@ class Trainer:
             return {"terms": stats["normalizer_terms"]}
 
         terms = torch.zeros(2, dtype=torch.float64)
-        for out in forward_only(self.model, batches, fn, seq_len):
+        for out in forward_only(self.ddp, batches, fn, seq_len):
             terms += out["terms"]
         dist.all_reduce(terms, group=ps.get_data_parallel_group())
         return terms
@@ -322,6 +326,15 @@ class Trainer:
             scored = [self.checker(t, a) for t, a in zip(texts, answers) if a is not None]
             stats["solve_rate"] = sum(scored) / len(scored) if scored else float("nan")
         return stats
+
+
+def _mixed_precision(model):
+    """bf16 models run inside Megatron's Float16Module (bf16 activations, float32 logits on the last stage)."""
+    if not model.config.bf16:
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model)
 
 
 def answer_checker(name: str):
