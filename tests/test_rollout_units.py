@@ -49,6 +49,9 @@ def test_teacher_scores_packed_alignment():
     assert lp.tolist() == [0, 0, 0, -1, -2, 0, 0, -3, -4, -5]
     assert ids[:, 0].tolist() == [0, 0, 0, 6, 7, 0, 0, 8, 9, 10]
     assert tlp[:, 0].tolist() == pytest.approx([0, 0, 0, -0.5, -0.5, 0, 0, -0.7, -0.7, -0.7])
+    back = TeacherScores.from_packed(batch, lp, ids, tlp)
+    for field in ("token_logprobs", "topk_ids", "topk_logprobs"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(back, field), getattr(scores, field)))
     with pytest.raises(ValueError, match=r"\[T\], \[T, K\], \[T, K\]"):
         TeacherScores([torch.zeros(2)], [torch.zeros(3, 2)], [torch.zeros(3, 2)])
 

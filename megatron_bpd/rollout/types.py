@@ -145,6 +145,15 @@ class TeacherScores:
         return TeacherScores([self.token_logprobs[i] for i in indices], [self.topk_ids[i] for i in indices],
                              [self.topk_logprobs[i] for i in indices])
 
+    @classmethod
+    def from_packed(cls, batch: TrajectoryBatch, token_logprobs: torch.Tensor, topk_ids: torch.Tensor,
+                    topk_logprobs: torch.Tensor) -> "TeacherScores":
+        """The inverse of ``to_packed``: a teacher inside the trainer computes [N], [N, K], [N, K] on the layout of
+        ``batch.to_packed()`` (position i scores token i, from the logits at i - 1) and keeps the response part."""
+        cu = batch.to_packed().cu_seqlens.tolist()
+        spans = [slice(cu[b + 1] - len(r), cu[b + 1]) for b, r in enumerate(batch.response_ids)]
+        return cls([token_logprobs[s] for s in spans], [topk_ids[s] for s in spans], [topk_logprobs[s] for s in spans])
+
     def to_packed(self, batch: TrajectoryBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Place the scores at the response positions of ``batch.to_packed()``: ([N], [N, K] ids, [N, K]);
         zeros at prompt positions."""
