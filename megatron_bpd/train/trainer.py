@@ -10,6 +10,7 @@ and takes its data-parallel share. The loss runs on the last pipeline stage from
 
 import asyncio
 import dataclasses
+import os
 import random
 import time
 from pathlib import Path
@@ -357,22 +358,25 @@ class ServerSet:
     """Rank 0's view of the student rollout servers and the teacher servers (started here when "embedded")."""
 
     def __init__(self, config: TrainConfig, out: Path):
-        from ..serve.launch import EmbeddedServer
-
         self.config, self.out = config, out
-        self.embedded: List[EmbeddedServer] = []
-        self.student_urls = self._urls(config.rollout.servers, config.model.student, config.rollout.embedded_servers)
+        self.embedded = []
+        self.student_urls = self._urls("student", config.rollout.servers, config.model.student,
+                                       config.rollout.embedded_servers)
         self.teacher_urls = None
         if config.teacher.source == "sglang":
-            self.teacher_urls = self._urls(config.teacher.servers, config.teacher.model, 1)
+            self.teacher_urls = self._urls("teacher", config.teacher.servers, config.teacher.model, 1)
         self.weights_dir = out / "weights"
 
-    def _urls(self, servers: List[str], model: str, count: int) -> List[str]:
+    def _start(self, model, name: str):
         from ..serve.launch import EmbeddedServer
 
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return EmbeddedServer(model, log_path=self.out / "logs" / f"{name}.log", env=env).start()
+
+    def _urls(self, role: str, servers: List[str], model: str, count: int) -> List[str]:
         if list(servers) != ["embedded"]:
             return list(servers)
-        started = [EmbeddedServer(model, self.out / "logs").start() for _ in range(count)]
+        started = [self._start(model, f"{role}-{i}") for i in range(count)]
         self.embedded += started
         return [s.url for s in started]
 
@@ -403,8 +407,6 @@ class ServerSet:
 
     def _restart_dead(self) -> bool:
         """Restart embedded servers whose process ended; True if any was restarted."""
-        from ..serve.launch import EmbeddedServer
-
         restarted = False
         for i, server in enumerate(self.embedded):
             if server.proc is not None and server.proc.poll() is not None:
@@ -413,7 +415,7 @@ class ServerSet:
                     and server.url in self.student_urls else []
                 if newest:
                     model = newest[-1]
-                replacement = EmbeddedServer(model, self.out / "logs").start()
+                replacement = self._start(model, f"restarted-{i}-{time.time():.0f}")
                 for urls in (self.student_urls, self.teacher_urls or []):
                     if server.url in urls:
                         urls[urls.index(server.url)] = replacement.url
