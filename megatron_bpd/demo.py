@@ -1,145 +1,154 @@
-"""A short runnable example of drift gating under rollout reuse, on the CPU in seconds.
+"""The complete distillation on a CPU machine, in minutes: ``python -m megatron_bpd.demo --out DIR``.
 
-A student and a teacher bigram language model over a small vocabulary stand in for the two LLMs. Each step the
-student samples responses (the behavior policy pi_old), the teacher scores every sampled token, and the student
-trains on the rollout for ``epochs`` x ``minibatches`` optimizer steps (reuse) with the sampled-token OPD loss,
-optionally the LSM loss on the teacher's top-K, each gated by ``drift_gates``. The gates are 1 on the first
-update of a rollout and act as the student drifts away from the policy that sampled it.
-
-    python -m megatron_bpd.demo --out runs/demo [--steps 30 --granularity block --block-size 8 --loss sampled_token]
-
-Writes ``metrics.jsonl`` (one object per optimizer update) and ``gates.png`` in ``--out``.
+1. Makes (or reuses, cached) a tiny Qwen3 teacher trained to solve column addition step by step, and a smaller,
+   weaker student (``megatron_bpd.tasks``).
+2. Trains the student with sampled-token OPD + Block gate at TP=2 over gloo (``torchrun`` of
+   ``megatron_bpd.train``), with the project's SGLang-protocol servers for rollouts and teacher scores.
+3. Evaluates base student, distilled student and teacher on held-out problems (greedy exact match).
+4. Writes ``DIR/metrics.jsonl`` (one object per step), ``DIR/tensorboard/``, ``DIR/training.png``,
+   ``DIR/config.yaml`` and ``DIR/report.md``.
 """
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from .gating import GRANULARITIES, GateConfig, drift_gates
-from .losses import sampled_token_opd_loss, topk_lsm_loss
+import yaml
 
 
-class Bigram(torch.nn.Module):
-    """log pi(y_t | y_{t-1}) from a [V, V] logit table."""
-
-    def __init__(self, vocab: int, scale: float, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g) * scale)
-
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] -> logits [b, s, V] for the next token after each position."""
-        return self.table[tokens]
-
-    @torch.no_grad()
-    def sample(self, first: torch.Tensor, length: int, generator) -> torch.Tensor:
-        """[b] start tokens -> [b, length + 1] sequences (the start token, then ``length`` sampled tokens)."""
-        seq = [first]
-        for _ in range(length):
-            probs = torch.softmax(self.logits(seq[-1]), -1)
-            seq.append(torch.multinomial(probs, 1, generator=generator).squeeze(-1))
-        return torch.stack(seq, 1)
+def demo_config(out: Path, student: str, teacher: str, prompts: str, args) -> dict:
+    """The run: sampled-token OPD, Block gate sized to the task's ~10-line responses, 2 reuse epochs."""
+    return {
+        "out": str(out), "steps": args.steps, "seed": args.seed,
+        "model": {"student": student},
+        "parallel": {"tp": args.tp},
+        "data": {"prompts": prompts, "answer_checker": "arithmetic", "apply_chat_template": True},
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "temperature": 1.0, "top_p": 0.9,
+                    "max_new_tokens": 160, "max_concurrency": 16},
+        "teacher": {"source": "sglang", "model": teacher, "top_k": 8},
+        "loss": {"kind": "sampled_token", "gate": {"granularity": "block", "block_size": args.block_size}},
+        "reuse": {"epochs": 2, "minibatches": 2, "micro_batch_size": 4},
+        "optimizer": {"optimizer": "adam", "lr": args.lr, "clip_grad": 1.0},
+    }
 
 
-def token_logprobs(model: Bigram, seq: torch.Tensor) -> torch.Tensor:
-    """[b, s + 1] sequences -> [b, s] log-probs of each sampled token given its predecessor."""
-    return torch.log_softmax(model.logits(seq[:, :-1]), -1).gather(-1, seq[:, 1:, None]).squeeze(-1)
+def train(config_path: Path, tp: int, log_path: Path) -> None:
+    """torchrun of the trainer on ``tp`` local processes (gloo); its output goes to ``log_path``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
+           "-m", "megatron_bpd.train", "--config", str(config_path)]
+    print(f"[demo] {' '.join(cmd)}  (log: {log_path})", flush=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _follow(process, log_path.parent / "metrics.jsonl")
+    if process.returncode != 0:
+        raise RuntimeError(f"training failed ({process.returncode}); last lines of {log_path}:\n"
+                           + "\n".join(log_path.read_text().splitlines()[-30:]))
 
 
-def teacher_kl(student: Bigram, teacher: Bigram) -> float:
-    """Mean over contexts of KL(student || teacher), the quantity OPD drives down."""
-    with torch.no_grad():
-        s, t = torch.log_softmax(student.table, -1), torch.log_softmax(teacher.table, -1)
-        return float((s.exp() * (s - t)).sum(-1).mean())
-
-
-def run(args) -> list:
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    student, teacher = Bigram(args.vocab, 1.0, args.seed), Bigram(args.vocab, 3.0, args.seed + 1)
-    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
-    gate = GateConfig(granularity=args.granularity, block_size=args.block_size, tau=args.tau)
-    records, update = [], 0
-    for step in range(args.steps):
-        seq = student.sample(torch.randint(args.vocab, (args.batch,), generator=generator), args.length, generator)
-        mask = torch.ones(args.batch, args.length, dtype=torch.bool)
-        with torch.no_grad():
-            old = token_logprobs(student, seq)
-            teacher_logits = teacher.logits(seq[:, :-1])
-            teach = torch.log_softmax(teacher_logits, -1).gather(-1, seq[:, 1:, None]).squeeze(-1)
-            top = torch.log_softmax(teacher_logits, -1).topk(args.topk, -1)
-        for epoch in range(args.epochs):
-            for rows in torch.randperm(args.batch, generator=generator).chunk(args.minibatches):
-                logits = student.logits(seq[rows, :-1])
-                cur = torch.log_softmax(logits, -1).gather(-1, seq[rows, 1:, None]).squeeze(-1)
-                gates, stats = drift_gates(cur, old[rows], mask[rows], gate)
-                if args.loss == "sampled_token":
-                    loss, _ = sampled_token_opd_loss(cur, old[rows], teach[rows], mask[rows], gates)
-                else:
-                    loss, _ = topk_lsm_loss(logits.gather(-1, top.indices[rows]), top.values[rows], mask[rows], gates)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                update += 1
-                records.append(dict(step=step, update=update, epoch=epoch, loss=float(loss),
-                                    kl_to_teacher=teacher_kl(student, teacher),
-                                    **{k: float(v) for k, v in stats.items() if v.dim() == 0}))
-        last = records[-1]
-        print(f"step {step:3d}  loss {last['loss']:+.4f}  KL(student||teacher) {last['kl_to_teacher']:.4f}  "
-              f"|drift| {last['drift_abs_mean']:.4f}  gate min/max {last['gate_min']:.3f}/{last['gate_max']:.3f}")
-    return records
-
-
-def plot(records: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    updates = [r["update"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(updates, [r["kl_to_teacher"] for r in records])
-    axes[0].set(title="KL(student || teacher)", xlabel="optimizer update")
-    axes[1].plot(updates, [r["drift_abs_mean"] for r in records], label="token |drift|")
-    axes[1].plot(updates, [r["segment_drift_abs_mean"] for r in records], label="segment |D_s|")
-    axes[1].set(title="drift from the behavior policy", xlabel="optimizer update")
-    axes[1].legend()
-    axes[2].fill_between(updates, [r["gate_min"] for r in records], [r["gate_max"] for r in records], alpha=0.3,
-                         label="min..max")
-    axes[2].plot(updates, [r["gate_mean"] for r in records], label="mean")
-    axes[2].set(title="normalized gates", xlabel="optimizer update")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def _follow(process, metrics_path: Path) -> None:
+    """Print one line per finished step while the trainer runs."""
+    seen = 0
+    while process.poll() is None:
+        time.sleep(2)
+        if metrics_path.exists():
+            lines = metrics_path.read_text().splitlines()
+            for line in lines[seen:]:
+                r = json.loads(line)
+                print(f"[demo] step {r['step']:3d}  loss {r.get('loss', float('nan')):+.4f}  "
+                      f"solve {r.get('solve_rate', float('nan')):.2f}  |drift| {r.get('drift_abs_mean', 0):.4f}  "
+                      f"gate {r.get('gate_min', 1):.3f}..{r.get('gate_max', 1):.3f}", flush=True)
+            seen = len(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--loss", choices=["sampled_token", "topk_lsm"], default="sampled_token")
-    parser.add_argument("--granularity", choices=GRANULARITIES, default="block")
-    parser.add_argument("--block-size", type=int, default=8)
-    parser.add_argument("--tau", type=float, default=1.0)
-    parser.add_argument("--vocab", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=48)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--minibatches", type=int, default=2)
-    parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-problems", type=int, default=100)
+    parser.add_argument("--models", type=Path, default=None,
+                        help="cache of prepared task models (default: ~/.cache/megatron-bpd/task-models)")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    records = run(args)
-    with open(args.out / "metrics.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    plot(records, args.out / "gates.png")
-    print(f"wrote {args.out / 'metrics.jsonl'} and {args.out / 'gates.png'}")
-    return records
+
+    from .tasks.arithmetic import write_prompts_jsonl
+    from .tasks.sft import PrepConfig, accuracy, datasets, prepare_teacher_and_student
+    from .train.metrics import plot_metrics, read_metrics
+
+    started = time.perf_counter()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "tensorboard", "weights"):  # a rerun into the same folder starts clean
+        path = out / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    cache = args.models or Path.home() / ".cache" / "megatron-bpd" / "task-models"
+    prep = PrepConfig(seed=args.seed)
+    models = prepare_teacher_and_student(cache, args.seed, config=prep)
+    train_set, test_set = datasets(replace(prep, seed=args.seed))
+    prompts = write_prompts_jsonl(out / "prompts.jsonl", train_set[:2000])
+    config = demo_config(out, models["student"]["path"], models["teacher"]["path"], str(prompts), args)
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    train(config_path, args.tp, out / "train.log")
+    records = read_metrics(out / "metrics.jsonl")
+    plot_metrics(records, out / "training.png", "sampled-token OPD + Block gate, TP=2 (CPU demo)")
+
+    final = max((p for p in (out / "weights").iterdir()), key=lambda p: int(p.name))
+    problems = test_set[:args.eval_problems]
+    scores = {name: accuracy(path, problems) for name, path in
+              (("student before", models["student"]["path"]), ("student after", final),
+               ("teacher", models["teacher"]["path"]))}
+    report = _report(config, records, scores, len(problems), time.perf_counter() - started)
+    (out / "report.md").write_text(report)
+    print(report)
+    return scores
+
+
+def _report(config: dict, records: list, scores: dict, n: int, seconds: float) -> str:
+    first, last = records[0], records[-1]
+    rows = "\n".join(f"| {name} | {acc:.3f} |" for name, acc in scores.items())
+    gate = config["loss"]["gate"]
+    return f"""# megatron-bpd CPU demo
+
+Sampled-token OPD with a Block-{gate['block_size']} drift gate, {config['steps']} steps at TP={config['parallel']['tp']}
+(gloo), {config['rollout']['prompts_per_step']} prompts x {config['rollout']['samples_per_prompt']} samples per step,
+{config['reuse']['epochs']} reuse epochs x {config['reuse']['minibatches']} mini-batches. Total time {seconds / 60:.1f} min.
+
+## Greedy exact-match accuracy on {n} held-out addition problems
+
+| model | accuracy |
+|---|---|
+{rows}
+
+## Training
+
+| | step {first['step']} | step {last['step']} |
+|---|---|---|
+| loss | {first.get('loss', float('nan')):.4f} | {last.get('loss', float('nan')):.4f} |
+| training solve rate | {first.get('solve_rate', float('nan')):.3f} | {last.get('solve_rate', float('nan')):.3f} |
+| teacher-student KL on the top-K support | {first.get('support_kl', float('nan')):.4f} | {last.get('support_kl', float('nan')):.4f} |
+| mean token drift from the behavior policy | {first.get('drift_abs_mean', float('nan')):.4f} | {last.get('drift_abs_mean', float('nan')):.4f} |
+| gate min / max | {first.get('gate_min', 1):.3f} / {first.get('gate_max', 1):.3f} | {last.get('gate_min', 1):.3f} / {last.get('gate_max', 1):.3f} |
+| rollout/train log-prob mismatch | {first.get('rollout_train_mismatch', float('nan')):.2e} | {last.get('rollout_train_mismatch', float('nan')):.2e} |
+
+![training](training.png)
+
+Files: `metrics.jsonl` (one object per step), `tensorboard/`, `config.yaml` (rerun with
+`torchrun --standalone --nproc-per-node {config['parallel']['tp']} -m megatron_bpd.train --config config.yaml`), `train.log`.
+"""
 
 
 if __name__ == "__main__":
