@@ -10,11 +10,10 @@ logits at ids) and ``topk_lsm_loss_parallel`` (``gather_at`` + ``losses.topk_lsm
 
 One autograd core (``_VocabStats``) serves the differentiable ops. It returns, per position, logsumexp(x) as M + L
 (M = max x, a constant; L kept separately so that nothing of magnitude |x| is rounded), the entropy
-H = -sum p log p and x at the ids. Memory: it works in chunks of ``chunk_size`` tokens (default: 128 MiB of float32
-per chunk) and keeps at most one float32
-``[chunk, V/tp]`` work buffer (two for the entropy); backward recomputes the softmax chunk by chunk from the saved
-logits and the [n] statistics (no full-vocabulary softmax is ever stored; for float32 logits it computes straight
-into the gradient buffer). Communication: forward is one all-gather over TP of the local statistics
+H = -sum p log p and x at the ids. Memory: it works in chunks of ``chunk_size`` tokens (default: as many as fill
+128 MiB of float32) and keeps at most one float32 ``[chunk, V/tp]`` work buffer (two for the entropy); backward
+recomputes the softmax chunk by chunk from the saved logits and the [n] statistics (no full-vocabulary softmax is
+ever stored; for float32 logits it computes straight into the gradient buffer). Not twice differentiable. Communication: forward is one all-gather over TP of the local statistics
 ``[n, 2 (+1 entropy) + K]`` float32 per rank (max, log sum exp, x at the K ids: TP*(2+K)*4 bytes received per
 position for ``logprobs_at``); backward needs none.
 """
@@ -24,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 CHUNK_ELEMENTS = 1 << 25  # default chunk: 128 MiB of float32 work, e.g. 220 tokens at V/tp = 151936
 
@@ -202,6 +202,7 @@ class _VocabStats(torch.autograd.Function):
         return norm, ent, x_ids
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_norm, g_ent, g_ids):
         logits, ids, big_m, norm, ent = ctx.saved_tensors
         shard, temperature, chunk_size = ctx.shard, ctx.temperature, ctx.chunk_size
@@ -248,8 +249,8 @@ def _vocab_stats(logits, ids, tp_group, temperature, vocab_size, chunk_size, sof
 def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, tp_group, temperature: float = 1.0,
                 vocab_size: Optional[int] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
     """log softmax(logits / T)[ids] over the full unpadded vocabulary: logits ``[..., V/tp]``, ids ``[...]`` -> ``[...]``
-    or ids ``[..., K]`` -> ``[..., K]`` (float32). Backward: d/dlogits = (onehot_local(ids) - p_local) * g / T.
-    ids outside [0, vocab_size) raise a ValueError."""
+    or ids ``[..., K]`` -> ``[..., K]`` (float32). Backward, local shard only: dlogits_v = (sum_k g_k [v == id_k]
+    - p_v sum_k g_k) / T. ids outside [0, vocab_size) raise a ValueError (one host sync)."""
     norm, _, x_ids = _vocab_stats(logits, ids, tp_group, temperature, vocab_size, chunk_size, True, False)
     return (x_ids - norm.unsqueeze(-1)).view(ids.shape)  # (x_i - M) - (lse - M)
 
