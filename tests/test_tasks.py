@@ -2,6 +2,8 @@
 
 import json
 import random
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,8 +125,13 @@ def test_prepare_caches_by_parameters(tmp_path, capsys):
     cfg = PrepConfig(seed=3, digits=(2, 2), n_train=16, n_test=4, teacher=micro, student=micro)
     first = prepare_teacher_and_student(tmp_path, 3, config=cfg, threads=None, progress=False)
     assert not first["cached"] and 0 <= first["teacher"]["accuracy"] <= 1 and 0 <= first["student"]["accuracy"] <= 1
-    assert (tmp_path / cfg.key() / "teacher" / "config.json").exists()
+    assert (Path(first["teacher"]["path"]) / "config.json").exists()
+    assert first["teacher"]["path"] != first["student"]["path"]
     assert "greedy accuracy" in capsys.readouterr().out
     again = prepare_teacher_and_student(tmp_path, 3, config=cfg, threads=None, progress=False)
     assert again["cached"] and again["teacher"]["accuracy"] == first["teacher"]["accuracy"]
-    assert PrepConfig(seed=4, digits=(2, 2), n_train=16, n_test=4, teacher=micro, student=micro).key() != cfg.key()
+    assert again["student"]["path"] == first["student"]["path"]
+    other = prepare_teacher_and_student(tmp_path, 3, config=replace(cfg, student=replace(micro, steps=1)),
+                                        threads=None, progress=False)
+    assert other["teacher"]["cached"] and not other["student"]["cached"]
+    assert other["student"]["path"] != first["student"]["path"]

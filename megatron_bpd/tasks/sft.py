@@ -180,7 +180,7 @@ class ModelSpec:
     head_dim: int = 32
     ffn: int = 384
     tied: bool = True
-    steps: int = 300
+    steps: int = 500
     lr: float = 3e-3
     batch_size: int = 16
     warmup: int = 20
@@ -188,18 +188,14 @@ class ModelSpec:
 
 @dataclass
 class PrepConfig:
-    """Everything that determines the prepared pair (the cache key is a hash of this)."""
+    """Everything that determines the prepared pair."""
     seed: int = 0
     digits: Tuple[int, int] = (2, 4)
     n_train: int = 20000
     n_test: int = 200
     teacher: ModelSpec = field(default_factory=ModelSpec)
     student: ModelSpec = field(default_factory=lambda: ModelSpec(layers=2, hidden=64, heads=4, kv_heads=2,
-                                                                 head_dim=16, ffn=192, steps=100))
-
-    def key(self) -> str:
-        blob = json.dumps({"version": CACHE_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+                                                                 head_dim=16, ffn=192, steps=500))
 
 
 def datasets(cfg: PrepConfig) -> Tuple[List[Problem], List[Problem]]:
@@ -221,42 +217,56 @@ def _build(spec: ModelSpec, init_dir: Path, out: Path, train: Sequence[Problem],
     return time.perf_counter() - t0
 
 
+def _model_key(cfg: PrepConfig, role: str, spec: ModelSpec) -> str:
+    blob = json.dumps({"version": CACHE_VERSION, "role": role, "seed": cfg.seed, "digits": list(cfg.digits),
+                       "n_train": cfg.n_train, "n_test": cfg.n_test, "spec": asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def prepare_teacher_and_student(out_dir: Union[str, Path], seed: int = 0, *, config: Optional[PrepConfig] = None,
                                 threads: Optional[int] = 2, progress: bool = True, verbose: bool = True) -> dict:
-    """Make (or reuse) a SFT-trained teacher and a weaker student for the addition task under
-    ``out_dir/<hash of the config>/{teacher,student}`` and return the summary: paths, greedy accuracies on the
-    held-out test set (overall and per digit count), seconds spent, and the config. A second call with the same
-    parameters finds ``summary.json`` and returns it without training."""
+    """Make (or reuse) a SFT-trained teacher and a weaker student for the addition task and return the summary:
+    paths, greedy accuracies on the held-out test set (overall and per digit count), seconds spent, the config.
+
+    Each model is cached on its own under ``out_dir/<role>-<hash of seed, data and its spec>/`` (the HF folder
+    plus ``meta.json`` with its accuracy), so a later call with the same parameters reuses it (``cached`` is
+    True in its entry) and changing only the student's spec does not retrain the teacher."""
     cfg = config or PrepConfig(seed=seed)
     if cfg.seed != seed:
         cfg = replace(cfg, seed=seed)
-    root = Path(out_dir) / cfg.key()
-    summary_path = root / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        summary["cached"] = True
-        if verbose:
-            print(f"[tasks] reusing {root}: teacher acc {summary['teacher']['accuracy']:.3f}, "
-                  f"student acc {summary['student']['accuracy']:.3f}")
-        return summary
     if threads is not None:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
     train, test = datasets(cfg)
-    summary = {"dir": str(root), "config": asdict(cfg), "cached": False, "torch_threads": torch.get_num_threads()}
+    summary = {"cache_dir": str(out_dir), "config": asdict(cfg), "torch_threads": torch.get_num_threads()}
     for role, spec, model_seed in (("teacher", cfg.teacher, cfg.seed), ("student", cfg.student, cfg.seed + 1000)):
-        train_s = _build(spec, root / f"{role}_init", root / role, train, model_seed, threads, progress)
-        t0 = time.perf_counter()
-        per_digits: dict = {}
-        acc = accuracy(root / role, test, by_digits=per_digits)
-        summary[role] = {"path": str(root / role), "accuracy": acc, "accuracy_by_digits": per_digits,
-                         "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t0, 1)}
+        folder = out_dir / f"{role}-{_model_key(cfg, role, spec)}"
+        meta_path = folder / "meta.json"
+        if meta_path.exists():
+            entry = json.loads(meta_path.read_text())
+            entry["cached"] = True
+        else:
+            shutil.rmtree(folder, ignore_errors=True)  # a folder without meta.json is an interrupted run
+            train_s = _build(spec, out_dir / f"{role}-{folder.name}-init", folder, train, model_seed, threads,
+                             progress)
+            t0 = time.perf_counter()
+            per_digits: dict = {}
+            acc = accuracy(folder, test, by_digits=per_digits)
+            entry = {"path": str(folder), "accuracy": acc, "accuracy_by_digits": {str(k): v for k, v in
+                                                                                  per_digits.items()},
+                     "n_test": len(test), "spec": asdict(spec), "train_seconds": round(train_s, 1),
+                     "eval_seconds": round(time.perf_counter() - t0, 1)}
+            meta_path.write_text(json.dumps(entry, indent=1, sort_keys=True))
+            entry["cached"] = False
+        summary[role] = entry
         if verbose:
-            print(f"[tasks] {role}: greedy accuracy {acc:.3f} on {len(test)} held-out problems "
-                  f"(by digits {per_digits}); train {train_s:.0f}s, eval {summary[role]['eval_seconds']:.0f}s")
+            how = "reused" if entry["cached"] else f"train {entry['train_seconds']:.0f}s, eval {entry['eval_seconds']:.0f}s"
+            by = ", ".join(f"{k}: {v:.2f}" for k, v in entry["accuracy_by_digits"].items())
+            print(f"[tasks] {role}: greedy accuracy {entry['accuracy']:.3f} on {entry['n_test']} held-out problems "
+                  f"(by digits {by}); {how} -> {folder}")
+    summary["cached"] = summary["teacher"]["cached"] and summary["student"]["cached"]
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     if verbose:
-        print(f"[tasks] prepared in {summary['total_seconds']:.0f}s -> {root}")
-    summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True))
+        print(f"[tasks] prepared in {summary['total_seconds']:.0f}s")
     return summary
