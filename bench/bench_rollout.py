@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from rollout_fixtures import ServerProcess  # noqa: E402
 
-from megatron_bpd.rollout import ClientConfig, RolloutConfig, SamplingParams, SGLangClient, generate_rollout  # noqa: E402
+from megatron_bpd.rollout import (ClientConfig, RolloutConfig, SamplingParams, SGLangClient,  # noqa: E402
+                                  generate_rollout)
 
 
 def make_model(path: Path, hidden: int, layers: int, vocab: int) -> Path:
@@ -112,7 +113,8 @@ def main() -> None:
         finally:
             server.stop()
     cpu = os.cpu_count()
-    print(f"model: {'random Qwen3 hidden %d, %d layers, vocab %d' % (args.hidden, args.layers, args.vocab) if not args.model else args.model}; "
+    described = args.model or f"random Qwen3 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
+    print(f"model: {described}; "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.requests_per_level} x c requests, "
           f"return_logprob; best of {args.repeats}; torch {torch.__version__}, Python {platform.python_version()}, "
           f"{cpu} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} (server: 1)\n")

@@ -70,8 +70,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log_dir) / f"server-{self.port}.log"
-        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(Path(__file__).parents[1]) + os.pathsep
-                   + os.environ.get("PYTHONPATH", ""))
+        path = str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=path)
         cmd = [sys.executable, "-m", "megatron_bpd.serve", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning", *extra]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)

@@ -55,7 +55,8 @@ def ref_response_logprobs(model, prompt, response, temperature=1.0):
 
 
 def test_rollout_batch_matches_reference(servers, model_dir):
-    config = RolloutConfig(n_samples=4, seed=100, sampling=SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12))
+    config = RolloutConfig(n_samples=4, seed=100,
+                           sampling=SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=12))
     before = [num_finished(s.url) for s in servers]
     batch = run(lambda c: generate_rollout(c, PROMPTS, config), [s.url for s in servers])
     assert len(batch) == 12 and batch.prompt_index == [i for i in range(3) for _ in range(4)]

@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from megatron_bpd.rollout import ClientConfig, RolloutConfig, SamplingParams, SGLangClient, SGLangTeacher, generate_rollout
+from megatron_bpd.rollout import (ClientConfig, RolloutConfig, SamplingParams, SGLangClient, SGLangTeacher,
+                                  generate_rollout)
 from megatron_bpd.rollout.protocol import SGLANG_SAMPLING_KEYS, ProtocolError
 from megatron_bpd.rollout.weight_sync import DiskWeightSync
 from megatron_bpd.serve.app import parse_sampling_params

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -174,7 +175,8 @@ def test_stop_token_ids_and_eos(server):
     greedy = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
     ids = post(server.url, "/generate", {"input_ids": PROMPT, "sampling_params": greedy})[1]["output_ids"]
     stop = ids[2]
-    out = post(server.url, "/generate", {"input_ids": PROMPT, "sampling_params": greedy | {"stop_token_ids": [stop]}})[1]
+    body = {"input_ids": PROMPT, "sampling_params": greedy | {"stop_token_ids": [stop]}}
+    out = post(server.url, "/generate", body)[1]
     first = ids.index(stop)
     assert out["output_ids"] == ids[: first + 1]  # the stop token is part of output_ids, as in SGLang
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
@@ -208,8 +210,10 @@ def test_abort_and_pause(server):
     result = {}
     worker = threading.Thread(target=lambda: result.update(out=post(server.url, "/generate", long)[1]))
     worker.start()
+    deadline = time.monotonic() + 30
     while get(server.url, "/server_info")["internal_states"][0]["num_requests"] == 0:
-        pass
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     assert post(server.url, "/abort_request", {"rid": "long-one"})[1] == {"success": True}
     worker.join(30)
     assert result["out"]["meta_info"]["finish_reason"]["type"] == "abort"
@@ -283,7 +287,8 @@ def test_engine_failure_aborts_requests_and_keeps_serving(model_dir):
     forward = engine.runner.forward
     engine.runner.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
     failed = submit("bad")
-    assert failed.finish["type"] == "abort" and failed.finish["status_code"] == 500 and "boom" in failed.finish["message"]
+    assert failed.finish["type"] == "abort" and failed.finish["status_code"] == 500
+    assert "boom" in failed.finish["message"]
     engine.runner.forward = forward
     ok = submit("good")
     assert ok.finish["type"] == "length" and len(ok.output_ids) == 4

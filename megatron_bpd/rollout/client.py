@@ -129,7 +129,8 @@ class SGLangClient:
                     self._down_until[url] = time.monotonic() + self.config.cooldown_s
                     failure = exc
             if attempt == self.config.max_retries:
-                raise ServerError(f"/generate rid={base_rid} failed after {attempt + 1} attempts: {failure}") from failure
+                raise ServerError(f"/generate rid={base_rid} failed after {attempt + 1} attempts: "
+                                  f"{failure}") from failure
             delay = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** attempt)
             log.warning("retrying rid=%s in %.2f s after %s", base_rid, delay, failure)
             await asyncio.sleep(delay)

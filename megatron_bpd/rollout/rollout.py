@@ -34,7 +34,8 @@ async def generate_rollout(client: SGLangClient, prompts: Sequence[Sequence[int]
             raise ValueError(f"prompt {i} is empty")
         for j in range(config.n_samples):
             seed = None if config.seed is None else config.seed + i * config.n_samples + j
-            request = GenerateRequest(input_ids=list(prompt), sampling_params=replace(config.sampling, sampling_seed=seed),
+            request = GenerateRequest(input_ids=list(prompt),
+                                      sampling_params=replace(config.sampling, sampling_seed=seed),
                                       rid=client.new_rid(f"p{i}s{j}-"), return_logprob=True)
             jobs.append(client.generate(request))
     outputs = [out[0] for out in await gather_all(jobs)]

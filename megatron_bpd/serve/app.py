@@ -185,7 +185,8 @@ class SGLangServer:
         groups = []
         for i, prompt in enumerate(prompts):
             if not prompt or not all(isinstance(t, int) and 0 <= t < config.vocab_size for t in prompt):
-                raise ProtocolError(f"prompt {i}: input_ids must be a non-empty list of ids in [0, {config.vocab_size})")
+                raise ProtocolError(f"prompt {i}: input_ids must be a non-empty list of ids in "
+                                    f"[0, {config.vocab_size})")
             if len(prompt) + params[i].max_new_tokens > config.max_position_embeddings:
                 raise ProtocolError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {params[i].max_new_tokens} "
                                     f"exceed the context length {config.max_position_embeddings}")
@@ -224,7 +225,8 @@ class SGLangServer:
                 "e2e_latency": time.monotonic() - seq.created}
         if seq.return_logprob:
             meta["output_token_logprobs"] = triples(seq.output_logprobs[:n], ids)
-            meta["input_token_logprobs"] = triples(seq.input_logprobs, seq.prompt[len(seq.prompt) - len(seq.input_logprobs):])
+            scored = seq.prompt[len(seq.prompt) - len(seq.input_logprobs):]  # positions logprob_start_len..L-1
+            meta["input_token_logprobs"] = triples(seq.input_logprobs, scored)
             if seq.top_logprobs_num > 0:
                 meta["output_top_logprobs"] = [triples(*row) for row in seq.output_top[:n]]
                 meta["input_top_logprobs"] = [None if row is None else triples(*row) for row in seq.input_top]
