@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import torch
+
+from megatron_bpd.serve.launch import EmbeddedServer, free_port  # noqa: F401  (free_port: used by the tests)
 
 VOCAB, EOS = 300, 2
 
@@ -57,56 +54,17 @@ def load_reference(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def server(model: Path, log_dir: Path, *extra: str) -> EmbeddedServer:
+    """``python -m megatron_bpd.serve`` on 127.0.0.1:<free port>, spawned (not yet healthy)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    s = EmbeddedServer(model, extra_args=["--log-level", "warning", *extra], env=env)
+    s.log_path = Path(log_dir) / f"server-{s.port}.log"
+    return s.spawn()
 
 
-class ServerProcess:
-    """``python -m megatron_bpd.serve`` on 127.0.0.1:<free port>; ``start()`` returns once /health is 200."""
-
-    def __init__(self, model: Path, log_dir: Path, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(log_dir) / f"server-{self.port}.log"
-        path = str(Path(__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")
-        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=path)
-        cmd = [sys.executable, "-m", "megatron_bpd.serve", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
-
-    def wait_healthy(self, timeout: float = 120.0) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server on {self.url} not healthy after {timeout} s:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def start_servers(model: Path, log_dir: Path, count: int, *extra: str) -> list[ServerProcess]:
+def start_servers(model: Path, log_dir: Path, count: int, *extra: str) -> list[EmbeddedServer]:
     """Start ``count`` servers in parallel (imports dominate start-up) and wait for all."""
-    servers = [ServerProcess(model, log_dir, *extra) for _ in range(count)]
+    servers = [server(model, log_dir, *extra) for _ in range(count)]
     try:
         return [s.wait_healthy() for s in servers]
     except BaseException:

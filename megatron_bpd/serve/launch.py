@@ -47,6 +47,17 @@ class EmbeddedServer:
                 "--port", str(self.port), *self.extra_args]
 
     def start(self) -> "EmbeddedServer":
+        """Spawn the process and wait until it is healthy."""
+        self.spawn()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn(self) -> "EmbeddedServer":
+        """Start the process without waiting (start several, then ``wait_healthy`` each: imports dominate)."""
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         if self.log_path is not None:
@@ -57,11 +68,6 @@ class EmbeddedServer:
             out = subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL)
-        try:
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _log_tail(self, chars: int = 3000) -> str:
@@ -69,7 +75,7 @@ class EmbeddedServer:
             return "(no log: pass log_path to keep the server's output)"
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def _wait_healthy(self) -> None:
+    def wait_healthy(self) -> "EmbeddedServer":
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -78,13 +84,19 @@ class EmbeddedServer:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
-                        return
+                        return self
             except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the embedded server on {self.url} was not healthy after {self.startup_timeout_s}"
                                    f" s:\n{self._log_tail()}")
             time.sleep(0.25)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests of fault tolerance)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
