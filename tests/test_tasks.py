@@ -135,3 +135,17 @@ def test_prepare_caches_by_parameters(tmp_path, capsys):
                                         threads=None, progress=False)
     assert other["teacher"]["cached"] and not other["student"]["cached"]
     assert other["student"]["path"] != first["student"]["path"]
+
+
+def test_cli_writes_prompt_files_and_summary(tmp_path):
+    from megatron_bpd.tasks.__main__ import main
+
+    out = tmp_path / "out"
+    main(["--out", str(out), "--digits", "2", "2", "--n-train", "16", "--n-test", "4", "--teacher-steps", "1",
+          "--student-steps", "1", "--no-progress", "--seed", "5"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"teacher", "student", "total_seconds", "train_jsonl", "test_jsonl"} <= set(summary)
+    assert summary["config"]["digits"] == [2, 2] and summary["config"]["seed"] == 5
+    train = read_problems_jsonl(out / "train.jsonl")
+    test = read_problems_jsonl(out / "test.jsonl")
+    assert len(train) == 16 and len(test) == 4 and not {(p.a, p.b) for p in train} & {(p.a, p.b) for p in test}

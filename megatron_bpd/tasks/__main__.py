@@ -21,7 +21,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--teacher-steps", type=int, default=None)
     p.add_argument("--student-steps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is far faster than 2 when the cores are shared with other work)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 

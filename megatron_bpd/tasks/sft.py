@@ -224,7 +224,7 @@ def _model_key(cfg: PrepConfig, role: str, spec: ModelSpec) -> str:
 
 
 def prepare_teacher_and_student(out_dir: Union[str, Path], seed: int = 0, *, config: Optional[PrepConfig] = None,
-                                threads: Optional[int] = 2, progress: bool = True, verbose: bool = True) -> dict:
+                                threads: Optional[int] = 1, progress: bool = True, verbose: bool = True) -> dict:
     """Make (or reuse) a SFT-trained teacher and a weaker student for the addition task and return the summary:
     paths, greedy accuracies on the held-out test set (overall and per digit count), seconds spent, the config.
 
