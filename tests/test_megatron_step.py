@@ -1,6 +1,7 @@
-"""One optimizer step of gated OPD through Megatron-Core's pipeline schedules on a tiny Qwen3 GPTModel (local spec,
-qk_layernorm, GQA): the loss and the updated weights are the same under TP1, TP2, PP2 and TP2xPP2, and equal to
-the same step taken with Hugging Face transformers' Qwen3ForCausalLM and the single-process losses."""
+"""One optimizer step of gated OPD through Megatron-Core's pipeline schedules, DDP and optimizer on a tiny Qwen3
+GPTModel (local spec, qk_layernorm, GQA): the loss and the updated weights are the same under DP4, TP2xDP2,
+PP2xDP2 and TP2xPP2 (four processes), and equal to the same step taken with Hugging Face transformers'
+Qwen3ForCausalLM and the single-process losses."""
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from megatron_bpd.gating import GateConfig, drift_gates, plan_segments
 from megatron_bpd.losses import sampled_token_opd_loss, topk_lsm_loss
 
 B, S, K, VOCAB, LR = 4, 16, 4, 300, 0.5
-MICRO_BATCHES = [[0, 1], [2, 3]]
+MICRO_BATCHES = [[0], [1], [2], [3]]
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (TP, PP) on 4 processes: DP4, TP2xDP2, PP2xDP2, TP2xPP2
 GATE = GateConfig(block_size=4)
 KINDS = ["sampled_token", "topk_lsm"]
 
@@ -46,8 +48,8 @@ def micro_batch(data, rows):
                       teacher_topk_logprobs=data["top_lp"][rows])
 
 
-def _train_one_step(rank, world_size, tp, pp, hf_dir):
-    return {kind: _one_step(rank, tp, pp, hf_dir, kind) for kind in KINDS}
+def _train_one_step(rank, world_size, hf_dir):
+    return {(tp, pp, kind): _one_step(rank, tp, pp, hf_dir, kind) for tp, pp in LAYOUTS for kind in KINDS}
 
 
 def _one_step(rank, tp, pp, hf_dir, kind):
@@ -66,17 +68,21 @@ def _one_step(rank, tp, pp, hf_dir, kind):
     ddp_model, optimizer = wrap_for_training(model, OptimizerSettings(optimizer="sgd", lr=LR, clip_grad=0.0))
     zero_grads(ddp_model, optimizer)
     data = make_data()
-    batches = [micro_batch(data, rows) for rows in MICRO_BATCHES]
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    batches = [micro_batch(data, rows) for rows in MICRO_BATCHES[dp_rank::dp]]
     config = LossConfig(kind=kind, gate=GATE, vocab_size=VOCAB)
     forward_step = make_forward_step(config, data["mask"].sum(), len(batches))
     out = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp_model],
-        num_microbatches=len(batches), seq_length=S, micro_batch_size=2, forward_only=False)
+        num_microbatches=len(batches), seq_length=S, micro_batch_size=1, forward_only=False)
     update_ok, _, _ = optimizer.step()
     assert update_ok
     weights = {name: tensor.clone() for name, tensor in iter_hf_weights(model)}
-    loss = sum(o["loss"].item() for o in out) if ps.is_pipeline_last_stage() else None
-    return dict(loss=loss, weights=weights if rank == 0 else None)
+    loss = torch.tensor(sum(o["loss"].item() for o in out) if ps.is_pipeline_last_stage() else 0.0)
+    import torch.distributed as dist
+
+    dist.all_reduce(loss, group=ps.get_data_parallel_group())  # the batch loss: the sum over DP ranks
+    return dict(loss=loss.item() if ps.is_pipeline_last_stage() else None, weights=weights if rank == 0 else None)
 
 
 def hf_one_step(hf_dir, kind):
@@ -108,12 +114,17 @@ def references(tiny_model_dir):
     return {kind: hf_one_step(tiny_model_dir, kind) for kind in KINDS}
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)], ids=["TP1", "TP2", "PP2", "TP2xPP2"])
-def test_one_step_same_under_every_layout_and_equal_to_transformers(tiny_model_dir, references, tp, pp):
-    all_results = run_distributed(_train_one_step, tp * pp, tp, pp, tiny_model_dir)
+@pytest.fixture(scope="module")
+def layout_results(tiny_model_dir):
+    return run_distributed(_train_one_step, 4, tiny_model_dir)
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=["DP4", "TP2xDP2", "PP2xDP2", "TP2xPP2"])
+def test_one_step_same_under_every_layout_and_equal_to_transformers(tiny_model_dir, references, layout_results,
+                                                                     tp, pp):
     for kind in KINDS:
         ref_loss, ref_weights = references[kind]
-        results = [r[kind] for r in all_results]
+        results = [r[(tp, pp, kind)] for r in layout_results]
         loss = next(r["loss"] for r in results if r["loss"] is not None)
         assert loss == pytest.approx(ref_loss, rel=1e-5), (tp, pp)
         weights = results[0]["weights"]

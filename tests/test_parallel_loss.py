@@ -11,7 +11,8 @@ from megatron_bpd.gating import GateConfig, drift_gates, plan_segments
 from megatron_bpd.losses import sampled_token_opd_loss, topk_lsm_loss
 
 B, S, V, K = 4, 16, 24, 4
-MICRO_BATCHES = [[0, 1], [2, 3]]  # the optimizer-step batch: two micro-batches of two sequences
+MICRO_BATCHES = [[0, 1], [2], [3]]  # the optimizer-step batch: micro-batches of one or two sequences
+LAYOUTS = [(2, 1), (1, 2), (2, 2), (1, 1)]  # (TP, CP) on 4 processes: TP2xDP2, CP2xDP2, TP2xCP2, DP4
 GATES = [GateConfig(block_size=3), GateConfig(block_size=5, scope="sequence", statistic="abs_mean"),
          GateConfig(block_size=4, scope="global", tau=2.0)]
 LOSSES = ["sampled_token", "topk_lsm"]
@@ -61,7 +62,12 @@ def reference(data, gate, kind):
     return total.item(), all_gates, logits.grad.float()
 
 
-def _worker(rank, world_size, tp, cp):
+def _worker(rank, world_size):
+    """Every layout of LAYOUTS in turn on the same 4 processes (the parallel state is rebuilt for each)."""
+    return {layout: _layout_results(*layout) for layout in LAYOUTS}
+
+
+def _layout_results(tp, cp):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -77,7 +83,7 @@ def _worker(rank, world_size, tp, cp):
     data = make_batch()
     vocab = slice(tp_rank * V // tp, (tp_rank + 1) * V // tp)
     positions, _ = cp_positions((B, S), cp, cp_rank)
-    my_micro = MICRO_BATCHES[dp_rank::dp_size]
+    my_micro = [MICRO_BATCHES[i] for i in range(dp_rank, len(MICRO_BATCHES), dp_size)]
     num_tokens = data["mask"].sum()
     out = {}
     for gate in GATES:
@@ -114,11 +120,15 @@ def _worker(rank, world_size, tp, cp):
     return dict(positions=positions, vocab=(vocab.start, vocab.stop), out=out)
 
 
-@pytest.mark.parametrize("tp,cp,world", [(2, 1, 2), (1, 2, 2), (2, 2, 4), (1, 1, 2)],
-                         ids=["TP2", "CP2", "TP2xCP2", "DP2"])
-def test_loss_and_logit_gradients_match_one_process(tp, cp, world):
+@pytest.fixture(scope="module")
+def layout_results():
+    return run_distributed(_worker, 4)
+
+
+@pytest.mark.parametrize("tp,cp", LAYOUTS, ids=["TP2xDP2", "CP2xDP2", "TP2xCP2", "DP4"])
+def test_loss_and_logit_gradients_match_one_process(layout_results, tp, cp):
     data = make_batch()
-    results = run_distributed(_worker, world, tp, cp)
+    results = [r[(tp, cp)] for r in layout_results]
     for gate in GATES:
         for kind in LOSSES:
             ref_loss, ref_gates, ref_grad = reference(data, gate, kind)
