@@ -14,6 +14,9 @@ esac
 python_bin="$(PYENV_VERSION=$py_version pyenv which python 2>/dev/null || command -v python${py_version%.*})"
 key="$(cat "$root/requirements/$stack.txt" "$root/requirements/base.txt" "$root/requirements/test.txt" | sha256sum | cut -c1-12)"
 venv="${MEGATRON_BPD_VENV_ROOT:-$HOME/.cache/megatron-bpd/venvs}/$stack-$key"
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"  # one builder at a time: concurrent runs (CI legs, several shells) wait here
+flock 9
 if [ ! -f "$venv/.ready" ]; then
   echo "[env] building $stack environment in $venv (python $py_version)" >&2
   rm -rf "$venv"
@@ -27,5 +30,6 @@ fi
 # builds the C++ extension in place; a failed build leaves the pure-PyTorch reference backend in use.
 "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2 \
   || echo "[env] installing the checkout failed" >&2
+flock -u 9
 export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
 echo "$venv"
