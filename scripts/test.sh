@@ -9,4 +9,8 @@ source scripts/env.sh "$stack" >/dev/null
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1
 python -c "import sys, torch, megatron.core as mc; from megatron_bpd import ops; \
 print(f'[test] stack={sys.argv[1]} python {sys.version.split()[0]} torch {torch.__version__} megatron-core {mc.__version__} extension={ops.extension_available()}')" "$stack"
+if [ "${MEGATRON_BPD_NO_EXTENSION:-0}" != 1 ] && ! python -c "from megatron_bpd import ops; assert ops.extension_available()"; then
+  echo "[test] the C++ extension megatron_bpd._C did not build (see the pip output above); set MEGATRON_BPD_NO_EXTENSION=1 to test the reference backend alone" >&2
+  exit 1
+fi
 python -m pytest "$@"
