@@ -3,6 +3,12 @@ teacher/student pair of the CPU demo and the toy reproduction.
 
 Plain PyTorch + transformers on CPU: the prompt goes through the chat template (``add_generation_prompt``), the
 solution and ``<|im_end|>`` follow, and the loss covers only the solution tokens and that end token.
+
+Default pair (``PrepConfig()``, digits 2..4, seed 0), measured on 2 shared CPU cores, 1 torch thread:
+teacher 4 layers / hidden 128, 500 steps x 16 -> greedy accuracy 1.00 (2/3/4 digits: 1.00/1.00/1.00);
+student 2 layers / hidden 64, 500 steps x 16 -> 0.175 (0.63/0.17/0.01); about 2.3 CPU-minutes in all
+(5 min wall on a machine loaded ~3x). Use 1 torch thread when the cores are shared: 2 threads under
+contention ran about 15x slower.
 """
 
 from __future__ import annotations
