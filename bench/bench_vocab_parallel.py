@@ -15,7 +15,7 @@ so freed tensors leave the resident set at once and new ones enter it); the inpu
 [n, V/tp] is created during the op and counted (every path must produce it). Megatron's CE computes in place in its
 input (a float32 input becomes the softmax, then its own gradient): its input is a copy made before the
 measurement, as the output layer's logits would be. Max over ranks.
-Time: best of --repeats runs, ending with a barrier (the slowest rank).
+Time: best of --repeats runs (the paths interleaved), each ending with a barrier (the slowest rank).
 Communication: payload bytes of the collectives the op issues (all-gather output, all-reduce tensor) per position,
 counted by wrapping torch.distributed's collectives.
 """
@@ -61,25 +61,20 @@ class CommCounter:
         return counted
 
 
-def measure(fn, make_inputs, repeats, comm):
-    """(best seconds, peak extra MiB, comm bytes of one call) of fn(*make_inputs())."""
-    best, peak = float("inf"), 0.0
-    for _ in range(repeats):
-        inputs = make_inputs()
-        gc.collect()
-        dist.barrier()
-        base = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        comm.bytes = 0
-        start = time.perf_counter()
-        fn(*inputs)
-        dist.barrier()
-        best = min(best, time.perf_counter() - start)
-        peak = max(peak, (_status_kib("VmHWM") - base) / 1024)
-        sent = comm.bytes
-        del inputs
-    return best, peak, sent
+def measure_once(fn, make_inputs, comm):
+    """(seconds, peak extra MiB, comm bytes) of one fn(*make_inputs()), ended by a barrier."""
+    inputs = make_inputs()
+    gc.collect()
+    dist.barrier()
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    comm.bytes = 0
+    start = time.perf_counter()
+    fn(*inputs)
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    return seconds, (_status_kib("VmHWM") - base) / 1024, comm.bytes
 
 
 # ------------------------------------------------------------------------------------------------ ops
@@ -164,8 +159,13 @@ def _bench(rank, world_size, configs, repeats):
             ("LSM loss", "ours", ours_lsm, lambda: (leaf(), support, teacher, mask, group)),
             ("LSM loss", "naive", naive_lsm, lambda: (leaf(), support, teacher, mask, group)),
         ]
-        for op, path, fn, make in cases:
-            seconds, mib, sent = measure(fn, make, repeats, comm)
+        best = {}
+        for _ in range(repeats):  # paths interleaved, so that a load burst on the shared machine hits all of them
+            for op, path, fn, make in cases:
+                seconds, mib, sent = measure_once(fn, make, comm)
+                prev = best.get((op, path), (float("inf"), 0.0, 0))
+                best[(op, path)] = (min(prev[0], seconds), max(prev[1], mib), sent)
+        for (op, path), (seconds, mib, sent) in best.items():
             grad_mib = 0.0 if op == "topk" else n * local * 4 / 2**20  # the float32 logits grad it returns
             rows.append(dict(vocab=vocab, n=n, tp=world_size, op=op, path=path, seconds=seconds, mib=mib,
                              grad_mib=grad_mib, comm_per_pos=sent / n))
