@@ -30,7 +30,7 @@ def extension_modules():
         torch.cuda.is_available() or os.environ.get("MEGATRON_BPD_FORCE_CUDA") == "1"
     )
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]}
+    extra = {"cxx": ["-O3", "-fopenmp"]}
     kwargs = dict(name="megatron_bpd._C", include_dirs=[str(ROOT / "csrc")], extra_link_args=["-fopenmp"])
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
