@@ -1,7 +1,7 @@
 """The complete distillation on a CPU machine, in minutes: ``python -m megatron_bpd.demo --out DIR``.
 
-1. Makes (or reuses, cached) a tiny Qwen3 teacher trained to solve column addition step by step, and a smaller,
-   weaker student (``megatron_bpd.tasks``).
+1. Takes the shipped tiny Qwen3 teacher that solves column addition step by step and the smaller, weaker student
+   (``megatron_bpd/data/task_models``; ``--prepare`` makes them anew with ``megatron_bpd.tasks``, ~3-5 min).
 2. Trains the student with sampled-token OPD + Block gate at TP=2 over gloo (``torchrun`` of
    ``megatron_bpd.train``), with the project's SGLang-protocol servers for rollouts and teacher scores.
 3. Evaluates base student, distilled student and teacher on held-out problems (greedy exact match).
@@ -16,10 +16,11 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
+
+SHIPPED_MODELS = Path(__file__).parent / "data" / "task_models"
 
 
 def demo_config(out: Path, student: str, teacher: str, prompts: str, args) -> dict:
@@ -76,8 +77,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-problems", type=int, default=100)
-    parser.add_argument("--models", type=Path, default=None,
-                        help="cache of prepared task models (default: ~/.cache/megatron-bpd/task-models)")
+    parser.add_argument("--prepare", action="store_true",
+                        help="SFT a new teacher and student (cached in ~/.cache/megatron-bpd/task-models) instead of "
+                             "using the shipped ones")
     args = parser.parse_args(argv)
 
     from .tasks.arithmetic import write_prompts_jsonl
@@ -93,12 +95,16 @@ def main(argv=None):
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    cache = args.models or Path.home() / ".cache" / "megatron-bpd" / "task-models"
     prep = PrepConfig(seed=args.seed)
-    models = prepare_teacher_and_student(cache, args.seed, config=prep)
-    train_set, test_set = datasets(replace(prep, seed=args.seed))
+    if args.prepare:
+        summary = prepare_teacher_and_student(Path.home() / ".cache" / "megatron-bpd" / "task-models", args.seed,
+                                              config=prep)
+        models = {role: summary[role]["path"] for role in ("teacher", "student")}
+    else:
+        models = {role: str(SHIPPED_MODELS / role) for role in ("teacher", "student")}
+    train_set, test_set = datasets(prep)
     prompts = write_prompts_jsonl(out / "prompts.jsonl", train_set[:2000])
-    config = demo_config(out, models["student"]["path"], models["teacher"]["path"], str(prompts), args)
+    config = demo_config(out, models["student"], models["teacher"], str(prompts), args)
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -109,8 +115,7 @@ def main(argv=None):
     final = max((p for p in (out / "weights").iterdir()), key=lambda p: int(p.name))
     problems = test_set[:args.eval_problems]
     scores = {name: accuracy(path, problems) for name, path in
-              (("student before", models["student"]["path"]), ("student after", final),
-               ("teacher", models["teacher"]["path"]))}
+              (("student before", models["student"]), ("student after", final), ("teacher", models["teacher"]))}
     report = _report(config, records, scores, len(problems), time.perf_counter() - started)
     (out / "report.md").write_text(report)
     print(report)

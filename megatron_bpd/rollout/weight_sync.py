@@ -28,7 +28,7 @@ import torch
 from megatron_bpd.rollout.client import ServerError, SGLangClient
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
-_CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+_CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                  "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
