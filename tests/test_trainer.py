@@ -130,3 +130,42 @@ def test_unknown_config_keys_and_bad_layouts_are_errors(tiny, tmp_path):
         check_layout(config, 1)
     with pytest.raises(ValueError, match="not divisible by TP x PP x CP"):
         check_layout(load_config(write_config(tiny, tmp_path / "bad2"), ["parallel.tp=2"]), 3)
+
+
+def _teacher_scores_agree(rank, world_size, config_path, teacher_dir):
+    import asyncio
+
+    import torch
+
+    from megatron_bpd.rollout.client import ClientConfig, SGLangClient
+    from megatron_bpd.rollout.teacher import SGLangTeacher
+    from megatron_bpd.serve.launch import EmbeddedServer
+    from megatron_bpd.train.config import load_config
+    from megatron_bpd.train.rollout_data import RolloutData
+    from megatron_bpd.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config_path))
+    try:
+        prompts = trainer.dataset.next_batch(2)
+        trajectories, _ = trainer.servers.call(lambda client, _: trainer._rollout(client, None, prompts))
+        inside = trainer._megatron_teacher_scores(RolloutData(trajectories))
+    finally:
+        trainer.servers.stop()
+
+    async def served():
+        with EmbeddedServer(teacher_dir) as server:
+            async with SGLangClient(ClientConfig(urls=[server.url])) as client:
+                return await SGLangTeacher(client, top_k=4).score(trajectories)
+
+    outside = asyncio.run(served())
+    for b in range(len(trajectories)):
+        torch.testing.assert_close(inside.token_logprobs[b], outside.token_logprobs[b], rtol=0, atol=2e-5)
+        torch.testing.assert_close(inside.topk_logprobs[b], outside.topk_logprobs[b], rtol=0, atol=2e-5)
+        assert torch.equal(inside.topk_ids[b], outside.topk_ids[b])
+    return sum(len(r) for r in trajectories.response_ids)
+
+
+def test_in_trainer_megatron_teacher_scores_equal_the_served_teacher(tiny, tmp_path):
+    config = write_config(tiny, tmp_path / "megatron-teacher", teacher={"source": "megatron"})
+    (scored,) = run_distributed(_teacher_scores_agree, 1, str(config), str(tiny / "teacher"))
+    assert scored > 0
