@@ -169,3 +169,10 @@ def test_in_trainer_megatron_teacher_scores_equal_the_served_teacher(tiny, tmp_p
     config = write_config(tiny, tmp_path / "megatron-teacher", teacher={"source": "megatron"})
     (scored,) = run_distributed(_teacher_scores_agree, 1, str(config), str(tiny / "teacher"))
     assert scored > 0
+
+
+def test_numbers_in_yaml_and_overrides_are_coerced():
+    config = load_config(None, ["optimizer.lr=3e-4", "loss.gate.tau=2"])
+    assert config.optimizer.lr == 3e-4 and isinstance(config.loss.gate.tau, float)
+    with pytest.raises(ValueError, match="optimizer.lr must be a number"):
+        load_config(None, ["optimizer.lr=fast"])

@@ -150,8 +150,21 @@ def from_dict(cls, data: dict, where: str = ""):
         if dataclasses.is_dataclass(kind):
             kwargs[name] = from_dict(kind, value, f"{where}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(kind, value, where + name)
     return cls(**kwargs)
+
+
+def _coerce(kind, value, key: str):
+    """YAML reads ``3e-4`` as a string and ``1`` as an int: give float fields floats, and name a value that is not
+    a number where one is expected."""
+    if kind is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config key {key} must be a number, got {value!r}") from None
+    if kind is int and isinstance(value, str):
+        raise ValueError(f"config key {key} must be an integer, got {value!r}")
+    return value
 
 
 def apply_override(data: dict, override: str) -> None:
