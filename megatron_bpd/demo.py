@@ -30,11 +30,11 @@ def demo_config(out: Path, student: str, teacher: str, prompts: str, args) -> di
         "model": {"student": student},
         "parallel": {"tp": args.tp},
         "data": {"prompts": prompts, "answer_checker": "arithmetic", "apply_chat_template": True},
-        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4, "temperature": 1.0, "top_p": 0.9,
+        "rollout": {"prompts_per_step": 8, "samples_per_prompt": 8, "temperature": 1.0, "top_p": 0.9,
                     "max_new_tokens": 160, "max_concurrency": 16},
         "teacher": {"source": "sglang", "model": teacher, "top_k": 8},
         "loss": {"kind": "sampled_token", "gate": {"granularity": "block", "block_size": args.block_size}},
-        "reuse": {"epochs": 2, "minibatches": 2, "micro_batch_size": 4},
+        "reuse": {"epochs": 2, "minibatches": 4, "micro_batch_size": 4},
         "optimizer": {"optimizer": "adam", "lr": args.lr, "clip_grad": 1.0},
     }
 
@@ -71,10 +71,10 @@ def _follow(process, metrics_path: Path) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-problems", type=int, default=100)
     parser.add_argument("--prepare", action="store_true",
