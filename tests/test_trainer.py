@@ -55,11 +55,7 @@ def read_metrics(out):
 def test_torchrun_tp2_distills_and_server_logprobs_match_megatron(tiny, tmp_path):
     out = tmp_path / "tp2"
     config = write_config(tiny, out, parallel={"tp": 2}, loss={"kind": "topk_lsm", "gate": {"granularity": "span"}})
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "megatron_bpd.train", "--config", str(config)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    torchrun(config, 2)
     records = read_metrics(out)
     assert [r["step"] for r in records] == [0, 1, 2]
     for r in records:
@@ -95,18 +91,28 @@ def _run_trainer(rank, world_size, config_path, steps, resume, kill_server_befor
     return {"restarted": trainer.servers.embedded[0] is not dead}
 
 
-def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny, tmp_path):
+def torchrun(config, nproc, *overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "megatron_bpd.train", "--config", str(config), *overrides]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def test_resume_and_data_parallelism_give_the_losses_of_one_uninterrupted_process(tiny, tmp_path):
     whole = write_config(tiny, tmp_path / "whole", steps=4)
     run_distributed(_run_trainer, 1, str(whole), 4, False)
+    torchrun(whole, 2, f"out={tmp_path / 'dp2'}")  # DP=2: each rank trains on half of every mini-batch
     split = write_config(tiny, tmp_path / "split", checkpoint={"dir": str(tmp_path / "ckpt"), "every": 1})
     run_distributed(_run_trainer, 1, str(split), 2, False)
     run_distributed(_run_trainer, 1, str(split), 4, True)
     expected = read_metrics(tmp_path / "whole")
-    got = read_metrics(tmp_path / "split")
-    assert [r["step"] for r in got] == [0, 1, 2, 3]
-    for a, b in zip(expected, got):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-9), a["step"]
-        assert b["drift_abs_mean"] == pytest.approx(a["drift_abs_mean"], rel=1e-6, abs=1e-9)
+    for other in ("split", "dp2"):
+        got = read_metrics(tmp_path / other)
+        assert [r["step"] for r in got] == [0, 1, 2, 3], other
+        for a, b in zip(expected, got):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-8), (other, a["step"])
+            assert b["drift_abs_mean"] == pytest.approx(a["drift_abs_mean"], rel=1e-5, abs=1e-8), (other, a["step"])
 
 
 def test_a_crashed_rollout_server_is_restarted_and_the_run_goes_on(tiny, tmp_path):
@@ -176,3 +182,17 @@ def test_numbers_in_yaml_and_overrides_are_coerced():
     assert config.optimizer.lr == 3e-4 and isinstance(config.loss.gate.tau, float)
     with pytest.raises(ValueError, match="optimizer.lr must be a number"):
         load_config(None, ["optimizer.lr=fast"])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cuda_only_optimizers_are_refused_on_cpu():
+    from types import SimpleNamespace
+
+    from megatron_bpd.train.setup import OptimizerSettings, wrap_for_training
+
+    cpu_model = SimpleNamespace(config=SimpleNamespace(bf16=True, fp16=False))
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        wrap_for_training(cpu_model, OptimizerSettings())
+    cpu_model.config.bf16 = False
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        wrap_for_training(cpu_model, OptimizerSettings(use_distributed_optimizer=True))

@@ -4,6 +4,8 @@ optimizer (optionally the distributed optimizer that shards optimizer state over
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class OptimizerSettings:
@@ -30,6 +32,9 @@ def wrap_for_training(model, settings: OptimizerSettings):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    if (settings.use_distributed_optimizer or config_dtype_is_half(model.config)) and not torch.cuda.is_available():
+        raise ValueError("Megatron's distributed and mixed-precision optimizers take CUDA tensors only: use "
+                         "optimizer.use_distributed_optimizer=false and fp32 on CPU")
     config = model.config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=settings.use_distributed_optimizer)
@@ -44,6 +49,10 @@ def wrap_for_training(model, settings: OptimizerSettings):
         params_dtype=config.params_dtype, bf16=config.bf16, fp16=config.fp16)
     optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
     return ddp_model, optimizer
+
+
+def config_dtype_is_half(config) -> bool:
+    return bool(config.bf16 or config.fp16)
 
 
 def zero_grads(ddp_model, optimizer) -> None:

@@ -56,9 +56,6 @@ class Trainer:
         if c.loss.kind == "sampled_token" and c.loss.temperature != c.rollout.temperature:
             raise ValueError(f"loss.temperature={c.loss.temperature} must equal rollout.temperature="
                              f"{c.rollout.temperature}: behavior log-probs are at the rollout temperature")
-        if c.model.precision == "bf16" and not torch.cuda.is_available():
-            raise ValueError("model.precision=bf16 needs CUDA devices (Megatron's mixed-precision optimizer takes only "
-                             "CUDA tensors); use model.precision=fp32 on CPU")
         parallel.initialize(tp=c.parallel.tp, pp=c.parallel.pp, cp=c.parallel.cp, seed=c.seed)
         self.rank, self.main = dist.get_rank(), dist.get_rank() == 0
         self.out = Path(c.out)
