@@ -7,17 +7,12 @@ return value. A failure in any process fails the test with that process's traceb
 
 import io
 import os
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_bpd.serve.launch import free_port
 
 
 def _worker(rank, world_size, port, fn, args, queue):
