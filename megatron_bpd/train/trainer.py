@@ -32,6 +32,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PromptDataset
 from .forward_step import make_forward_step
+from .layout import check_layout
 from .metrics import MetricSums, MetricsLog
 from .rollout_data import RolloutData, micro_batch, newline_token_ids, padded_length, response_slices
 from .scoring import forward_only, gather_cp
@@ -60,7 +61,7 @@ class Trainer:
         self.rank, self.main = dist.get_rank(), dist.get_rank() == 0
         self.out = Path(c.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._check_batch_layout()
+        check_layout(c, dist.get_world_size())  # batch sizes and model layout, as --dry-run checks them
         self.tokenizer = AutoTokenizer.from_pretrained(c.model.student)
         self.vocab_size = Qwen3Arch.from_hf(c.model.student).vocab_size
         self.loss_config = dataclasses.replace(c.loss, vocab_size=self.vocab_size)
@@ -91,16 +92,6 @@ class Trainer:
         if self.main:
             print(f"[megatron-bpd] config:\n{c.describe()}" + (f"[megatron-bpd] resumed from {resume}\n" if resume
                                                                else ""), flush=True)
-
-    def _check_batch_layout(self):
-        c = self.config
-        dp = ps.get_data_parallel_world_size()
-        total = c.rollout.prompts_per_step * c.rollout.samples_per_prompt
-        per_update = c.reuse.minibatches * dp * c.reuse.micro_batch_size
-        if total % per_update:
-            raise ValueError(f"{total} trajectories per step (rollout.prompts_per_step x samples_per_prompt) must be "
-                             f"divisible by reuse.minibatches x DP x reuse.micro_batch_size = {c.reuse.minibatches} x "
-                             f"{dp} x {c.reuse.micro_batch_size}")
 
     # ------------------------------------------------------------------ the loop
 
