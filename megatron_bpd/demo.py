@@ -1,100 +1,61 @@
 """The complete distillation on a CPU machine, in minutes: ``python -m megatron_bpd.demo --out DIR``.
 
-1. Takes the shipped tiny Qwen3 teacher that solves column addition step by step and the smaller, weaker student
-   (``megatron_bpd/data/task_models``; ``--prepare`` makes them anew with ``megatron_bpd.tasks``, ~3-5 min).
-2. Trains the student with sampled-token OPD + Block gate at TP=2 over gloo (``torchrun`` of
-   ``megatron_bpd.train``), with the project's SGLang-protocol servers for rollouts and teacher scores.
-3. Evaluates base student, distilled student and teacher on held-out problems (greedy exact match).
-4. Writes ``DIR/metrics.jsonl`` (one object per step), ``DIR/tensorboard/``, ``DIR/training.png``,
-   ``DIR/config.yaml`` and ``DIR/report.md``.
+1. Takes the shipped tiny Qwen3 teacher that solves column addition step by step and the student to distill
+   (``megatron_bpd/data/task_models``; ``--prepare`` makes them anew with ``megatron_bpd.tasks``).
+2. Trains the student with on-policy distillation (sampled-token OPD by default, ``--loss topk_lsm`` for
+   Teacher-TopK/LSM) at TP=2 over gloo (``torchrun`` of ``megatron_bpd.train``), with the project's
+   SGLang-protocol servers for rollouts and teacher scores.
+3. The trainer evaluates the student on held-out problems before training, every ``--eval-every`` steps and at the
+   end (greedy accuracy and pass@1 at T=1 through the rollout server, by difficulty), the teacher once, and the
+   student-teacher KL on a fixed probe set.
+4. Writes ``DIR/report.md`` (before/after with 95% intervals), ``DIR/summary.json``, ``DIR/metrics.jsonl`` (one
+   object per step), ``DIR/evals.jsonl``, ``DIR/training.png``, ``DIR/eval_curve.png``, ``DIR/tensorboard/`` and
+   ``DIR/config.yaml``.
 """
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import yaml
-
-SHIPPED_MODELS = Path(__file__).parent / "data" / "task_models"
+from .experiment import SHIPPED_MODELS, TaskRun, launch
 
 
-def demo_config(out: Path, student: str, teacher: str, prompts: str, args) -> dict:
-    """The run: sampled-token OPD, Block gate sized to the task's ~10-line responses, 2 reuse epochs."""
-    return {
-        "out": str(out), "steps": args.steps, "seed": args.seed,
-        "model": {"student": student},
-        "parallel": {"tp": args.tp},
-        "data": {"prompts": prompts, "answer_checker": "arithmetic", "apply_chat_template": True},
-        "rollout": {"prompts_per_step": 8, "samples_per_prompt": 8, "temperature": 1.0, "top_p": 0.9,
-                    "max_new_tokens": 160, "max_concurrency": 16},
-        "teacher": {"source": "sglang", "model": teacher, "top_k": 8},
-        "loss": {"kind": "sampled_token", "gate": {"granularity": "block", "block_size": args.block_size}},
-        "reuse": {"epochs": 2, "minibatches": 4, "micro_batch_size": 4},
-        "optimizer": {"optimizer": "adam", "lr": args.lr, "clip_grad": 1.0},
-    }
-
-
-def train(config_path: Path, tp: int, log_path: Path) -> None:
-    """torchrun of the trainer on ``tp`` local processes (gloo); its output goes to ``log_path``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
-           "-m", "megatron_bpd.train", "--config", str(config_path)]
-    print(f"[demo] {' '.join(cmd)}  (log: {log_path})", flush=True)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _follow(process, log_path.parent / "metrics.jsonl")
-    if process.returncode != 0:
-        raise RuntimeError(f"training failed ({process.returncode}); last lines of {log_path}:\n"
-                           + "\n".join(log_path.read_text().splitlines()[-30:]))
-
-
-def _follow(process, metrics_path: Path) -> None:
-    """Print one line per finished step while the trainer runs."""
-    seen = 0
-    while process.poll() is None:
-        time.sleep(2)
-        if metrics_path.exists():
-            lines = metrics_path.read_text().splitlines()
-            for line in lines[seen:]:
-                r = json.loads(line)
-                print(f"[demo] step {r['step']:3d}  loss {r.get('loss', float('nan')):+.4f}  "
-                      f"solve {r.get('solve_rate', float('nan')):.2f}  |drift| {r.get('drift_abs_mean', 0):.4f}  "
-                      f"gate {r.get('gate_min', 1):.3f}..{r.get('gate_max', 1):.3f}", flush=True)
-            seen = len(lines)
+def _print_step(record: dict) -> None:
+    line = (f"[demo] step {record['step']:3d}  loss {record.get('loss', float('nan')):+.4f}  "
+            f"solve {record.get('solve_rate', float('nan')):.2f}  |drift| {record.get('drift_abs_mean', 0):.4f}  "
+            f"gate {record.get('gate_min', 1):.3f}..{record.get('gate_max', 1):.3f}")
+    if "eval_greedy" in record:
+        line += f"  held-out greedy {record['eval_greedy']:.3f} pass@1 {record.get('eval_pass1', float('nan')):.3f}"
+    print(line, flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TaskRun("", "", "", "", "")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--loss", choices=("sampled_token", "topk_lsm"), default="sampled_token")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="Block gate size in tokens (responses are ~12 tokens per line); 0: no gate")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-problems", type=int, default=100)
+    parser.add_argument("--eval-problems", type=int, default=defaults.eval_limit)
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--eval-samples", type=int, default=defaults.eval_samples)
     parser.add_argument("--prepare", action="store_true",
                         help="SFT a new teacher and student (cached in ~/.cache/megatron-bpd/task-models) instead of "
                              "using the shipped ones")
     args = parser.parse_args(argv)
 
     from .tasks.arithmetic import write_prompts_jsonl
-    from .tasks.sft import PrepConfig, accuracy, datasets, prepare_teacher_and_student
-    from .train.metrics import plot_metrics, read_metrics
+    from .tasks.sft import PrepConfig, datasets, prepare_teacher_and_student
+    from .train.metrics import plot_evals, plot_metrics
 
     started = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.jsonl", "tensorboard", "weights"):  # a rerun into the same folder starts clean
-        path = out / stale
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
     prep = PrepConfig(seed=args.seed)
     if args.prepare:
         summary = prepare_teacher_and_student(Path.home() / ".cache" / "megatron-bpd" / "task-models", args.seed,
@@ -103,56 +64,98 @@ def main(argv=None):
     else:
         models = {role: str(SHIPPED_MODELS / role) for role in ("teacher", "student")}
     train_set, test_set = datasets(prep)
-    prompts = write_prompts_jsonl(out / "prompts.jsonl", train_set[:2000])
-    config = demo_config(out, models["student"], models["teacher"], str(prompts), args)
-    config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-    train(config_path, args.tp, out / "train.log")
-    records = read_metrics(out / "metrics.jsonl")
-    plot_metrics(records, out / "training.png", "sampled-token OPD + Block gate, TP=2 (CPU demo)")
-
-    final = max((p for p in (out / "weights").iterdir()), key=lambda p: int(p.name))
-    problems = test_set[:args.eval_problems]
-    scores = {name: accuracy(path, problems) for name, path in
-              (("student before", models["student"]), ("student after", final), ("teacher", models["teacher"]))}
-    report = _report(config, records, scores, len(problems), time.perf_counter() - started)
+    gate = {"granularity": "block", "block_size": args.block_size} if args.block_size else {"granularity": "none"}
+    run = TaskRun(str(out), models["student"], models["teacher"],
+                  str(write_prompts_jsonl(out / "prompts.jsonl", train_set[:2000])),
+                  str(write_prompts_jsonl(out / "held_out.jsonl", test_set[:args.eval_problems])),
+                  loss=args.loss, gate=gate, steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp,
+                  eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples)
+    print(f"[demo] {run.loss} OPD of {models['student']} from {models['teacher']}, {run.steps} steps at TP={run.tp} "
+          f"(log: {out / 'train.log'})", flush=True)
+    result = launch(run, follow=_print_step)
+    title = f"{args.loss} OPD, TP={args.tp} (CPU demo)"
+    plot_metrics(result["metrics"], out / "training.png", title)
+    plot_evals(result["evals"], out / "eval_curve.png", title)
+    seconds = time.perf_counter() - started
+    before, after = result["evals"][0], result["evals"][-1]
+    summary = {"accuracy": {"student_before": before["student"]["greedy"], "student_after": after["student"]["greedy"],
+                            "teacher": before["teacher"]["greedy"]},
+               "pass1": {"student_before": before["student"].get("pass1"),
+                         "student_after": after["student"].get("pass1"), "teacher": before["teacher"].get("pass1")},
+               "support_kl": {"before": before.get("support_kl"), "after": after.get("support_kl")},
+               "steps": run.steps, "seconds": round(seconds, 1), "eval_problems": before["student"]["n"],
+               "loss": run.loss, "models": models}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report = _report(run, result, seconds)
     (out / "report.md").write_text(report)
     print(report)
-    return scores
+    return summary
 
 
-def _report(config: dict, records: list, scores: dict, n: int, seconds: float) -> str:
+def _row(name: str, ev: dict) -> str:
+    greedy, pass1 = ev["greedy"], ev.get("pass1", float("nan"))
+    gl, gh = ev["greedy_ci"]
+    pl, ph = ev.get("pass1_ci", (float("nan"), float("nan")))
+    return f"| {name} | {greedy:.3f} [{gl:.3f}, {gh:.3f}] | {pass1:.3f} [{pl:.3f}, {ph:.3f}] |"
+
+
+def _report(run: TaskRun, result: dict, seconds: float) -> str:
+    records, evals = result["metrics"], result["evals"]
     first, last = records[0], records[-1]
-    rows = "\n".join(f"| {name} | {acc:.3f} |" for name, acc in scores.items())
-    gate = config["loss"]["gate"]
+    before, after = evals[0], evals[-1]
+    rows = "\n".join([_row("student before", before["student"]), _row(f"student after {after['step']} steps",
+                                                                      after["student"]), _row("teacher", before["teacher"])])
+    difficulties = sorted(before["student"].get("by_difficulty", {}), key=lambda d: (len(d), d))
+    by_difficulty = "\n".join(
+        f"| {d} | {before['student']['by_difficulty'][d]['n']} | {before['student']['by_difficulty'][d]['greedy']:.3f} | "
+        f"{after['student']['by_difficulty'][d]['greedy']:.3f} | {before['teacher']['by_difficulty'][d]['greedy']:.3f} |"
+        for d in difficulties)
+    curve = "\n".join(f"| {e['step']} | {e['student']['greedy']:.3f} | {e['student'].get('pass1', float('nan')):.3f} | "
+                      f"{e.get('support_kl', float('nan')):.4f} |" for e in evals)
+    gate = run.gate if run.loss != "sft" else {"granularity": "none"}
     return f"""# megatron-bpd CPU demo
 
-Sampled-token OPD with a Block-{gate['block_size']} drift gate, {config['steps']} steps at TP={config['parallel']['tp']}
-(gloo), {config['rollout']['prompts_per_step']} prompts x {config['rollout']['samples_per_prompt']} samples per step,
-{config['reuse']['epochs']} reuse epochs x {config['reuse']['minibatches']} mini-batches. Total time {seconds / 60:.1f} min.
+{run.loss} on-policy distillation (gate: {gate}), {run.steps} steps at TP={run.tp} (gloo),
+{run.prompts_per_step} prompts x {run.samples_per_prompt} samples per step, {run.epochs} epoch(s) x
+{run.minibatches} mini-batches (optimizer updates per rollout batch), Adam lr {run.lr:g}. Total time
+{seconds / 60:.1f} min (training {result['seconds'] / 60:.1f} min, evaluations included).
 
-## Greedy exact-match accuracy on {n} held-out addition problems
+## Held-out accuracy ({before['student']['n']} problems, 95% intervals)
 
-| model | accuracy |
-|---|---|
+Greedy: exact match of the greedy response (Wilson interval). pass@1: mean over problems of the fraction of
+{run.eval_samples} samples at T=1, top-p 0.9 that are correct (normal interval over problems).
+
+| model | greedy | pass@1 |
+|---|---|---|
 {rows}
+
+| difficulty (digits) | problems | student before | student after | teacher |
+|---|---|---|---|---|
+{by_difficulty}
+
+## Evaluation curve
+
+| step | greedy | pass@1 | student-teacher KL on the top-K (probe) |
+|---|---|---|---|
+{curve}
+
+![held-out evaluation](eval_curve.png)
 
 ## Training
 
 | | step {first['step']} | step {last['step']} |
 |---|---|---|
 | loss | {first.get('loss', float('nan')):.4f} | {last.get('loss', float('nan')):.4f} |
-| training solve rate | {first.get('solve_rate', float('nan')):.3f} | {last.get('solve_rate', float('nan')):.3f} |
-| teacher-student KL on the top-K support | {first.get('support_kl', float('nan')):.4f} | {last.get('support_kl', float('nan')):.4f} |
+| training solve rate (this step's prompts) | {first.get('solve_rate', float('nan')):.3f} | {last.get('solve_rate', float('nan')):.3f} |
+| teacher-student KL on the top-K support (training rollouts) | {first.get('support_kl', float('nan')):.4f} | {last.get('support_kl', float('nan')):.4f} |
 | mean token drift from the behavior policy | {first.get('drift_abs_mean', float('nan')):.4f} | {last.get('drift_abs_mean', float('nan')):.4f} |
 | gate min / max | {first.get('gate_min', 1):.3f} / {first.get('gate_max', 1):.3f} | {last.get('gate_min', 1):.3f} / {last.get('gate_max', 1):.3f} |
 | rollout/train log-prob mismatch | {first.get('rollout_train_mismatch', float('nan')):.2e} | {last.get('rollout_train_mismatch', float('nan')):.2e} |
 
 ![training](training.png)
 
-Files: `metrics.jsonl` (one object per step), `tensorboard/`, `config.yaml` (rerun with
-`torchrun --standalone --nproc-per-node {config['parallel']['tp']} -m megatron_bpd.train --config config.yaml`), `train.log`.
+Files: `summary.json`, `metrics.jsonl` (one object per step), `evals.jsonl`, `tensorboard/`, `config.yaml` (rerun
+with `torchrun --standalone --nproc-per-node {run.tp} -m megatron_bpd.train --config config.yaml`), `train.log`.
 """
 
 

@@ -16,6 +16,8 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2), (1, 1)]  # (TP, CP) on 4 processes: TP2xDP2, 
 GATES = [GateConfig(block_size=3), GateConfig(block_size=5, scope="sequence", statistic="abs_mean"),
          GateConfig(block_size=4, scope="global", tau=2.0)]
 LOSSES = ["sampled_token", "topk_lsm"]
+# every gate with both OPD losses, and the ungated NLL of the "sft" control
+CASES = [(gate, kind) for gate in GATES for kind in LOSSES] + [(GateConfig(granularity="none"), "sft")]
 
 
 def make_batch():
@@ -50,7 +52,9 @@ def reference(data, gate, kind):
         gates, _ = drift_gates(cur, data["old"][rows].double(), data["mask"][rows], gate,
                                response_starts=data["starts"][rows], normalizer=normalizer)
         all_gates[rows] = gates
-        if kind == "sampled_token":
+        if kind == "sft":
+            loss = -(cur * data["mask"][rows]).sum() / num_tokens
+        elif kind == "sampled_token":
             loss, _ = sampled_token_opd_loss(cur, data["old"][rows].double(), data["teacher"][rows].double(),
                                              data["mask"][rows], gates, num_tokens=num_tokens)
         else:
@@ -86,37 +90,36 @@ def _layout_results(tp, cp):
     my_micro = [MICRO_BATCHES[i] for i in range(dp_rank, len(MICRO_BATCHES), dp_size)]
     num_tokens = data["mask"].sum()
     out = {}
-    for gate in GATES:
-        for kind in LOSSES:
-            config = LossConfig(kind=kind, gate=gate)
+    for gate, kind in CASES:
+        config = LossConfig(kind=kind, gate=gate)
 
-            def local(rows, cfg):
-                plan = plan_segments((len(rows), S), cfg.gate, response_starts=data["starts"][rows])
-                batch = MicroBatch(tokens=data["labels"][rows], labels=data["labels"][rows],
-                                   loss_mask=data["mask"][rows], old_logprobs=data["old"][rows],
-                                   segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=data["teacher"][rows],
-                                   teacher_topk_ids=data["top_ids"][rows], teacher_topk_logprobs=data["top_lp"][rows])
-                logits = data["logits"][rows][:, positions, vocab].clone().requires_grad_()
-                return batch.split_for_cp(cp, cp_rank), logits
+        def local(rows, cfg):
+            plan = plan_segments((len(rows), S), cfg.gate, response_starts=data["starts"][rows])
+            batch = MicroBatch(tokens=data["labels"][rows], labels=data["labels"][rows],
+                               loss_mask=data["mask"][rows], old_logprobs=data["old"][rows],
+                               segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=data["teacher"][rows],
+                               teacher_topk_ids=data["top_ids"][rows], teacher_topk_logprobs=data["top_lp"][rows])
+            logits = data["logits"][rows][:, positions, vocab].clone().requires_grad_()
+            return batch.split_for_cp(cp, cp_rank), logits
 
-            normalizer = None
-            if gate.scope == "global":  # the no-grad pre-pass over every micro-batch of the step
-                raw = dataclasses.replace(config, gate=dataclasses.replace(gate, normalize=False))
-                normalizer = torch.zeros(2, dtype=torch.float64)
-                for rows in my_micro:
-                    batch, logits = local(rows, raw)
-                    with torch.no_grad():
-                        normalizer += opd_loss(logits, batch, raw, num_tokens, tp_group=tp_group,
-                                               cp_group=cp_group)[1]["normalizer_terms"]
-                dist.all_reduce(normalizer, group=ps.get_data_parallel_group())
-            results = []
+        normalizer = None
+        if gate.scope == "global":  # the no-grad pre-pass over every micro-batch of the step
+            raw = dataclasses.replace(config, gate=dataclasses.replace(gate, normalize=False))
+            normalizer = torch.zeros(2, dtype=torch.float64)
             for rows in my_micro:
-                batch, logits = local(rows, config)
-                loss, metrics = opd_loss(logits, batch, config, num_tokens, tp_group=tp_group, cp_group=cp_group,
-                                         normalizer=normalizer)
-                loss.backward()
-                results.append(dict(rows=rows, loss=loss.item(), grad=logits.grad, gates=metrics["gates"]))
-            out[(gate.block_size, kind)] = results
+                batch, logits = local(rows, raw)
+                with torch.no_grad():
+                    normalizer += opd_loss(logits, batch, raw, num_tokens, tp_group=tp_group,
+                                           cp_group=cp_group)[1]["normalizer_terms"]
+            dist.all_reduce(normalizer, group=ps.get_data_parallel_group())
+        results = []
+        for rows in my_micro:
+            batch, logits = local(rows, config)
+            loss, metrics = opd_loss(logits, batch, config, num_tokens, tp_group=tp_group, cp_group=cp_group,
+                                     normalizer=normalizer)
+            loss.backward()
+            results.append(dict(rows=rows, loss=loss.item(), grad=logits.grad, gates=metrics["gates"]))
+        out[(gate.block_size, kind)] = results
     return dict(positions=positions, vocab=(vocab.start, vocab.stop), out=out)
 
 
@@ -129,28 +132,27 @@ def layout_results():
 def test_loss_and_logit_gradients_match_one_process(layout_results, tp, cp):
     data = make_batch()
     results = [r[(tp, cp)] for r in layout_results]
-    for gate in GATES:
-        for kind in LOSSES:
-            ref_loss, ref_gates, ref_grad = reference(data, gate, kind)
-            grad = torch.full((B, S, V), float("nan"))
-            gates = torch.full((B, S), float("nan"))
-            total = 0.0
-            for rank_result in results:
-                lo, hi = rank_result["vocab"]
-                pos = rank_result["positions"]
-                for part in rank_result["out"][(gate.block_size, kind)]:
-                    sub = grad[part["rows"]]
-                    sub[:, pos, lo:hi] = part["grad"]
-                    grad[part["rows"]] = sub
-                    gate_rows = gates[part["rows"]]
-                    gate_rows[:, pos] = part["gates"]
-                    gates[part["rows"]] = gate_rows
-                    if lo == 0:  # each (micro-batch, CP share) counted once, not once per TP rank
-                        total += part["loss"]
-            assert not torch.isnan(grad).any(), "some logits got no gradient"
-            torch.testing.assert_close(gates, ref_gates, rtol=1e-5, atol=1e-6, msg=f"gates {gate} {kind}")
-            assert total == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (gate, kind)
-            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{gate} {kind}")
+    for gate, kind in CASES:
+        ref_loss, ref_gates, ref_grad = reference(data, gate, kind)
+        grad = torch.full((B, S, V), float("nan"))
+        gates = torch.full((B, S), float("nan"))
+        total = 0.0
+        for rank_result in results:
+            lo, hi = rank_result["vocab"]
+            pos = rank_result["positions"]
+            for part in rank_result["out"][(gate.block_size, kind)]:
+                sub = grad[part["rows"]]
+                sub[:, pos, lo:hi] = part["grad"]
+                grad[part["rows"]] = sub
+                gate_rows = gates[part["rows"]]
+                gate_rows[:, pos] = part["gates"]
+                gates[part["rows"]] = gate_rows
+                if lo == 0:  # each (micro-batch, CP share) counted once, not once per TP rank
+                    total += part["loss"]
+        assert not torch.isnan(grad).any(), "some logits got no gradient"
+        torch.testing.assert_close(gates, ref_gates, rtol=1e-5, atol=1e-6, msg=f"gates {gate} {kind}")
+        assert total == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (gate, kind)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{gate} {kind}")
 
 
 def _packed_cp_gates(rank, world_size):

@@ -129,12 +129,14 @@ def task_corpus(seed: int = 0, n: int = 3000, digits: Tuple[int, int] = (1, 10))
 
 
 def write_prompts_jsonl(path: Union[str, Path], problems: Iterable[Problem]) -> Path:
-    """One JSON object per line: ``{"prompt", "answer", "digits"}`` (the trainer's prompt-file format)."""
+    """One JSON object per line: ``{"prompt", "answer", "digits", "difficulty"}`` (the trainer's prompt-file format;
+    the difficulty is the digit count)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for p in problems:
-            f.write(json.dumps({"prompt": p.prompt_text, "answer": p.answer, "digits": p.digits}) + "\n")
+            f.write(json.dumps({"prompt": p.prompt_text, "answer": p.answer, "digits": p.digits,
+                                "difficulty": p.digits}) + "\n")
     return path
 
 

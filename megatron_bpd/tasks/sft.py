@@ -46,6 +46,19 @@ def encode_example(tokenizer, problem: Problem) -> Tuple[List[int], List[int]]:
     return prompt + response, [-100] * len(prompt) + response
 
 
+def corrupt_digits(ids: List[int], labels: List[int], digit_ids: Sequence[int], rate: float,
+                   rng: random.Random) -> List[int]:
+    """Noisy inputs for clean targets: each solution digit (a position with a label) is replaced by another digit
+    with probability ``rate``; the labels stay the gold tokens, so the model learns to continue *correctly* after
+    an error in its context (a teacher that repairs a student's mistakes instead of carrying them forward)."""
+    digits = set(digit_ids)
+    out = list(ids)
+    for j, (token, label) in enumerate(zip(ids, labels)):
+        if label != -100 and token in digits and rng.random() < rate:
+            out[j] = rng.choice([d for d in digit_ids if d != token])
+    return out
+
+
 def _collate(examples: Sequence[Tuple[List[int], List[int]]], pad_id: int):
     width = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -67,11 +80,12 @@ def sft_loss(model, ids, labels, mask) -> torch.Tensor:
 
 def train_sft(model_dir: Union[str, Path], problems: Sequence[Problem], steps: int, lr: float, batch_size: int,
               seed: int, out_dir: Union[str, Path], *, warmup: int = 20, weight_decay: float = 0.01,
-              min_lr_ratio: float = 0.1, grad_clip: float = 1.0, threads: Optional[int] = None,
+              min_lr_ratio: float = 0.1, grad_clip: float = 1.0, noise: float = 0.0, threads: Optional[int] = None,
               progress: bool = True, log: Optional[list] = None) -> Path:
     """Fine-tune the HF model in ``model_dir`` on ``problems`` (AdamW, linear warmup then cosine decay to
     ``min_lr_ratio * lr``, batches drawn with ``random.Random(seed)``) and save model + tokenizer to ``out_dir``.
-    ``log`` (a list), when given, receives the loss of every step."""
+    ``noise`` > 0: half of the drawn examples get their solution digits corrupted at that rate in the inputs
+    (``corrupt_digits``; the targets stay gold). ``log`` (a list), when given, receives the loss of every step."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,6 +113,13 @@ def train_sft(model_dir: Union[str, Path], problems: Sequence[Problem], steps: i
         return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
     rng = random.Random(seed)
+    digit_ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+
+    def drawn(i):
+        ids, labels = example(i)
+        if noise > 0 and rng.random() < 0.5:
+            ids = corrupt_digits(ids, labels, digit_ids, noise, rng)
+        return ids, labels
     order: List[int] = []
     bar = tqdm(range(steps), desc=f"sft {Path(out_dir).name}", disable=not progress, leave=False)
     ema = None
@@ -106,7 +127,7 @@ def train_sft(model_dir: Union[str, Path], problems: Sequence[Problem], steps: i
         if len(order) < batch_size:
             order += rng.sample(range(len(problems)), len(problems))
         batch, order = order[:batch_size], order[batch_size:]
-        ids, labels, mask = _collate([example(i) for i in batch], tokenizer.pad_token_id)
+        ids, labels, mask = _collate([drawn(i) for i in batch], tokenizer.pad_token_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss = sft_loss(model, ids, labels, mask)
@@ -192,6 +213,7 @@ class ModelSpec:
     lr: float = 3e-3
     batch_size: int = 16
     warmup: int = 20
+    noise: float = 0.0  # digit corruption rate of the inputs (``train_sft``'s noise): a teacher that repairs errors
 
 
 @dataclass
@@ -219,8 +241,8 @@ def _build(spec: ModelSpec, init_dir: Path, out: Path, train: Sequence[Problem],
     t0 = time.perf_counter()
     make_task_model(init_dir, layers=spec.layers, hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads,
                     head_dim=spec.head_dim, ffn=spec.ffn, tied=spec.tied, seed=seed)
-    train_sft(init_dir, train, spec.steps, spec.lr, spec.batch_size, seed, out, warmup=spec.warmup, threads=threads,
-              progress=progress)
+    train_sft(init_dir, train, spec.steps, spec.lr, spec.batch_size, seed, out, warmup=spec.warmup, noise=spec.noise,
+              threads=threads, progress=progress)
     shutil.rmtree(init_dir, ignore_errors=True)
     return time.perf_counter() - t0
 

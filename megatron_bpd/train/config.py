@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import yaml
 
+from .evaluation import EvalSettings
 from .loss import LossConfig
 from .setup import OptimizerSettings
 
@@ -44,17 +45,21 @@ class DataSettings:
     prompts: str = ""
     prompt_template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
     apply_chat_template: bool = True
-    answer_checker: str = "math"  # "math" (math-verify on \boxed{}) | "exact" (last line equals the answer)
+    answer_checker: str = "math"  # "math" (math-verify on \boxed{}) | "arithmetic" | "none"
     max_prompt_len: int = 2048
     shuffle: bool = True
+    difficulty_key: str = "difficulty"  # optional prompt field; solve rates and evaluations are grouped by it
 
 
 @dataclass
 class RolloutSettings:
     """Where and how the student samples. ``servers``: SGLang server or router URLs, or ["embedded"] to start
-    ``embedded_servers`` of the project's own server as subprocesses (CPU machines)."""
+    ``embedded_servers`` of the project's own server as subprocesses (CPU machines). ``policy``: "student"
+    (on-policy, the default) or "teacher" (the teacher servers sample: off-policy distillation, the control of
+    the experiments, with ``loss.kind: sft``)."""
 
     servers: List[str] = field(default_factory=lambda: ["embedded"])
+    policy: str = "student"
     embedded_servers: int = 1
     prompts_per_step: int = 4
     samples_per_prompt: int = 8
@@ -66,6 +71,10 @@ class RolloutSettings:
     mask_special_tokens: List[str] = field(default_factory=list)  # e.g. ["<", "think", "<|im_end|>"]
     max_concurrency: int = 64
     request_timeout_s: float = 3600.0
+
+    def __post_init__(self):
+        if self.policy not in ("student", "teacher"):
+            raise ValueError(f"rollout.policy must be 'student' or 'teacher', got {self.policy!r}")
 
 
 @dataclass
@@ -120,6 +129,7 @@ class TrainConfig:
     reuse: ReuseSettings = field(default_factory=ReuseSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
     def describe(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False)

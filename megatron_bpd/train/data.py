@@ -13,14 +13,15 @@ class Prompt:
     index: int
     token_ids: List[int]
     answer: Optional[str]
+    difficulty: Optional[str] = None  # the row's ``difficulty_key`` field, for metrics grouped by difficulty
 
 
 class PromptDataset:
     """``next_batch(n)`` yields prompts in a per-epoch shuffled order (seeded); ``state()``/``load_state()``."""
 
     def __init__(self, path: str, tokenizer, template: str, apply_chat_template: bool, max_prompt_len: int,
-                 seed: int, shuffle: bool = True):
-        self.prompts = [self._encode(i, row, tokenizer, template, apply_chat_template, max_prompt_len)
+                 seed: int, shuffle: bool = True, difficulty_key: str = "difficulty"):
+        self.prompts = [self._encode(i, row, tokenizer, template, apply_chat_template, max_prompt_len, difficulty_key)
                         for i, row in enumerate(_read_jsonl(path))]
         if not self.prompts:
             raise ValueError(f"no prompts in {path}")
@@ -29,7 +30,7 @@ class PromptDataset:
         self._order = self._epoch_order()
 
     @staticmethod
-    def _encode(index, row, tokenizer, template, apply_chat_template, max_prompt_len) -> Prompt:
+    def _encode(index, row, tokenizer, template, apply_chat_template, max_prompt_len, difficulty_key) -> Prompt:
         text = row.get("prompt", row.get("problem"))
         if text is None:
             raise ValueError(f"prompt {index} has neither a 'prompt' nor a 'problem' field: {sorted(row)}")
@@ -43,8 +44,9 @@ class PromptDataset:
             ids = tokenizer(text)["input_ids"]
         if len(ids) > max_prompt_len:
             raise ValueError(f"prompt {index} has {len(ids)} tokens, more than data.max_prompt_len={max_prompt_len}")
-        answer = row.get("answer")
-        return Prompt(index, list(ids), None if answer is None else str(answer))
+        answer, difficulty = row.get("answer"), row.get(difficulty_key)
+        return Prompt(index, list(ids), None if answer is None else str(answer),
+                      None if difficulty is None else str(difficulty))
 
     def _epoch_order(self) -> List[int]:
         order = list(range(len(self.prompts)))

@@ -13,17 +13,19 @@ from typing import Optional, Tuple
 import torch
 
 from ..gating import GateConfig, gates_for_segments
-from ..losses import sampled_token_opd_loss
+from ..losses import gated_mean, sampled_token_opd_loss
 from ..parallel.context_parallel import group_sum
 from ..vocab_parallel import logprobs_at, topk_lsm_loss_parallel
 from .batch import MicroBatch
 
-LOSSES = ("sampled_token", "topk_lsm")
+LOSSES = ("sampled_token", "topk_lsm", "sft")
 
 
 @dataclass
 class LossConfig:
-    """The OPD loss: ``kind`` "sampled_token" (PPO with teacher advantage) or "topk_lsm" (Teacher-TopK/LSM)."""
+    """The OPD loss: ``kind`` "sampled_token" (PPO with teacher advantage) or "topk_lsm" (Teacher-TopK/LSM); or
+    "sft", the off-policy control: l_t = -lp_cur_t, the negative log-likelihood of the sampled tokens (with
+    ``rollout.policy: teacher``, supervised fine-tuning on teacher samples; gates do not apply)."""
 
     kind: str = "sampled_token"
     gate: GateConfig = field(default_factory=GateConfig)
@@ -37,6 +39,9 @@ class LossConfig:
         if self.kind not in LOSSES:
             raise ValueError(f"LossConfig.kind must be one of {LOSSES}, got {self.kind!r}")
         self.clip_eps = tuple(self.clip_eps)
+        if self.kind == "sft" and self.gate.granularity != "none":
+            raise ValueError(f"the sft loss takes no gate (gate.granularity must be 'none', got "
+                             f"{self.gate.granularity!r})")
 
 
 def opd_loss(logits: torch.Tensor, batch: MicroBatch, config: LossConfig, num_tokens: torch.Tensor, *,
@@ -52,11 +57,14 @@ def opd_loss(logits: torch.Tensor, batch: MicroBatch, config: LossConfig, num_to
     cur = logprobs_at(logits, batch.labels, tp_group, temperature=config.temperature, vocab_size=config.vocab_size)
     gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
                                            config.gate, reduce=group_sum(cp_group), normalizer=normalizer)
-    if config.kind == "sampled_token":
-        if batch.teacher_logprobs is None:
+    if config.kind in ("sampled_token", "sft"):
+        if config.kind == "sft":
+            loss, metrics = gated_mean(-cur, batch.loss_mask, None, num_tokens), {}
+        elif batch.teacher_logprobs is None:
             raise ValueError("the sampled_token loss needs MicroBatch.teacher_logprobs")
-        loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, batch.loss_mask,
-                                               gates, config.clip_eps, config.adv_clip, num_tokens=num_tokens)
+        else:
+            loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, batch.loss_mask,
+                                                   gates, config.clip_eps, config.adv_clip, num_tokens=num_tokens)
         if batch.teacher_topk_ids is not None:  # logged: how far the student is from the teacher on its support
             with torch.no_grad():
                 metrics["support_kl"] = topk_lsm_loss_parallel(

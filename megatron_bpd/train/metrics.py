@@ -90,3 +90,38 @@ def plot_metrics(records: List[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_evals(evals: List[dict], path: Path, title: str = "") -> None:
+    """One PNG of the held-out evaluations (``evals.jsonl``): greedy accuracy and pass@1 over training steps with
+    their 95% intervals, per difficulty, and the support-KL probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in evals]
+    students = [e["student"] for e in evals]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for key, label in (("greedy", "greedy"), ("pass1", "pass@1 (T=1)")):
+        if all(key in s for s in students):
+            axes[0].plot(steps, [s[key] for s in students], marker="o", label=label)
+            axes[0].fill_between(steps, [s[f"{key}_ci"][0] for s in students], [s[f"{key}_ci"][1] for s in students],
+                                 alpha=0.2)
+    teacher = next((e["teacher"] for e in evals if "teacher" in e), None)
+    if teacher is not None:
+        axes[0].axhline(teacher["greedy"], color="gray", linestyle="--", label="teacher (greedy)")
+    axes[0].set(title=f"held-out accuracy ({students[0]['n']} problems)", xlabel="step", ylim=(-0.02, 1.02))
+    axes[0].legend()
+    for d in students[0].get("by_difficulty", {}):
+        axes[1].plot(steps, [s["by_difficulty"][d]["greedy"] for s in students], marker="o", label=f"difficulty {d}")
+    axes[1].set(title="greedy accuracy by difficulty", xlabel="step", ylim=(-0.02, 1.02))
+    if students[0].get("by_difficulty"):
+        axes[1].legend()
+    axes[2].plot(steps, [e.get("support_kl", float("nan")) for e in evals], marker="o")
+    axes[2].set(title="student-teacher KL on the teacher's top-K (probe)", xlabel="step")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -9,11 +9,16 @@ import torch
 
 @dataclass
 class OptimizerSettings:
-    """The optimizer's settings (``megatron.core.optimizer.OptimizerConfig`` fields of the same names)."""
+    """The optimizer's settings (``megatron.core.optimizer.OptimizerConfig`` fields of the same names) and its
+    learning-rate schedule (Megatron's ``OptimizerParamScheduler``, counted in optimizer updates): linear warmup
+    from 0 over ``lr_warmup_steps``, then ``lr_decay_style`` "constant", "linear" or "cosine" down to ``min_lr``
+    at the run's last update."""
 
     optimizer: str = "adam"
     lr: float = 2e-6
     min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -21,6 +26,13 @@ class OptimizerSettings:
     sgd_momentum: float = 0.0
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+
+    def __post_init__(self):
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optimizer.lr_decay_style must be 'constant', 'linear' or 'cosine', got "
+                             f"{self.lr_decay_style!r}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"optimizer.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
 
 
 def wrap_for_training(model, settings: OptimizerSettings):
@@ -49,6 +61,24 @@ def wrap_for_training(model, settings: OptimizerSettings):
         params_dtype=config.params_dtype, bf16=config.bf16, fp16=config.fp16)
     optimizer = get_megatron_optimizer(optimizer_config, [ddp_model])
     return ddp_model, optimizer
+
+
+def lr_scheduler(optimizer, settings: OptimizerSettings, total_updates: int, done_updates: int = 0):
+    """Megatron's ``OptimizerParamScheduler`` for ``total_updates`` optimizer updates, advanced past the
+    ``done_updates`` of a resumed run. Call ``.step(1)`` after every optimizer step."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if settings.lr_warmup_steps >= max(total_updates, 1):
+        raise ValueError(f"optimizer.lr_warmup_steps={settings.lr_warmup_steps} must be fewer than the run's "
+                         f"{total_updates} optimizer updates")
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if settings.lr_warmup_steps else settings.lr, max_lr=settings.lr,
+        min_lr=settings.min_lr if settings.lr_decay_style != "constant" else settings.lr,
+        lr_warmup_steps=settings.lr_warmup_steps, lr_decay_steps=max(total_updates, 1),
+        lr_decay_style=settings.lr_decay_style, start_wd=settings.weight_decay, end_wd=settings.weight_decay,
+        wd_incr_steps=max(total_updates, 1), wd_incr_style="constant")
+    scheduler.step(done_updates)
+    return scheduler
 
 
 def config_dtype_is_half(config) -> bool:

@@ -10,6 +10,7 @@ and takes its data-parallel share. The loss runs on the last pipeline stage from
 
 import asyncio
 import dataclasses
+import json
 import os
 import random
 import time
@@ -27,19 +28,20 @@ from ..rollout.rollout import RolloutConfig, generate_rollout
 from ..rollout.teacher import SGLangTeacher
 from ..rollout.types import TeacherScores
 from ..rollout.weight_sync import DiskWeightSync
-from ..vocab_parallel import logprobs_at, topk
+from ..vocab_parallel import logprobs_at, topk, topk_lsm_loss_parallel
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PromptDataset
+from .evaluation import evaluate_policy, flat_eval_metrics, solve_rate_by_difficulty
 from .forward_step import make_forward_step
 from .layout import check_layout
 from .metrics import MetricSums, MetricsLog
 from .rollout_data import RolloutData, micro_batch, newline_token_ids, padded_length, response_slices
 from .scoring import forward_only, gather_cp
-from .setup import wrap_for_training, zero_grads
+from .setup import lr_scheduler, wrap_for_training, zero_grads
 
 UPDATE_METRICS = ["loss", "pg_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min", "gate_max", "gate_std",
-                  "frac_gate_below_half", "drift_mean", "drift_abs_mean", "segment_drift_abs_mean", "grad_norm"]
+                  "frac_gate_below_half", "drift_mean", "drift_abs_mean", "segment_drift_abs_mean", "lr", "grad_norm"]
 ROLLOUT_METRICS = ["rollout_train_mismatch"]
 
 
@@ -54,6 +56,9 @@ class Trainer:
         from ..models.qwen3.config import Qwen3Arch
 
         c = self.config = config
+        if c.rollout.policy == "teacher" and c.teacher.source != "sglang":
+            raise ValueError("rollout.policy 'teacher' samples from the teacher servers: it needs teacher.source "
+                             "'sglang'")
         if c.loss.kind == "sampled_token" and c.loss.temperature != c.rollout.temperature:
             raise ValueError(f"loss.temperature={c.loss.temperature} must equal rollout.temperature="
                              f"{c.rollout.temperature}: behavior log-probs are at the rollout temperature")
@@ -77,8 +82,12 @@ class Trainer:
             teacher = build_model(c.teacher.model, **precision)
             load_hf_weights(teacher, c.teacher.model, progress=self.main)
             self.teacher_model = _mixed_precision(teacher).eval()
-        self.dataset = PromptDataset(c.data.prompts, self.tokenizer, c.data.prompt_template,
-                                     c.data.apply_chat_template, c.data.max_prompt_len, c.seed, c.data.shuffle)
+        self.dataset = self._prompts(c.data.prompts, c.data.shuffle)
+        self.eval_prompts = []
+        if c.eval.every:
+            if not c.eval.prompts:
+                raise ValueError("eval.every > 0 needs eval.prompts (a held-out prompts JSONL with answers)")
+            self.eval_prompts = self._prompts(c.eval.prompts, False).prompts[:c.eval.limit or None]
         self.newline_ids = newline_token_ids(self.tokenizer) if c.loss.gate.granularity == "span" else []
         self.mask_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in c.rollout.mask_special_tokens]
         self.checker = answer_checker(c.data.answer_checker)
@@ -88,10 +97,18 @@ class Trainer:
             state = load_checkpoint(resume, self.ddp, self.optimizer)
             self.step, self.weight_version = state["step"] + 1, state["weight_version"]
             self.dataset.load_state(state["data"])
+        updates_per_step = c.reuse.epochs * c.reuse.minibatches
+        self.scheduler = lr_scheduler(self.optimizer, c.optimizer, c.steps * updates_per_step,
+                                      self.step * updates_per_step)
         self.servers = ServerSet(c, self.out) if self.main else None
         if self.main:
             print(f"[megatron-bpd] config:\n{c.describe()}" + (f"[megatron-bpd] resumed from {resume}\n" if resume
                                                                else ""), flush=True)
+
+    def _prompts(self, path: str, shuffle: bool) -> PromptDataset:
+        d = self.config.data
+        return PromptDataset(path, self.tokenizer, d.prompt_template, d.apply_chat_template, d.max_prompt_len,
+                             self.config.seed, shuffle, d.difficulty_key)
 
     # ------------------------------------------------------------------ the loop
 
@@ -100,8 +117,13 @@ class Trainer:
         log = MetricsLog(self.out, c.steps, self.step) if self.main else None
         try:
             self._sync_weights()  # the servers start from the initial weights; a resumed run pushes its own
+            if c.eval.every and self.step == 0:
+                self.evaluate(0, with_teacher=True)
             while self.step < c.steps:
                 record = self.train_step()
+                done = self.step + 1
+                if c.eval.every and (done % c.eval.every == 0 or done == c.steps):
+                    record.update(self.evaluate(done))
                 if log is not None:
                     log.write(record)
                 every = c.checkpoint.every
@@ -167,7 +189,8 @@ class Trainer:
             sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                                     max_new_tokens=c.max_new_tokens, stop_token_ids=list(c.stop_token_ids) or None),
             seed=self.config.seed * 1000003 + self.step * 10007, mask_token_ids=self.mask_ids)
-        trajectories = await generate_rollout(client, [p.token_ids for p in prompts], config)
+        sampler = teacher_client if self.config.rollout.policy == "teacher" else client
+        trajectories = await generate_rollout(sampler, [p.token_ids for p in prompts], config)
         scores = None
         if teacher_client is not None:
             scores = await SGLangTeacher(teacher_client, self.config.teacher.top_k).score(trajectories)
@@ -217,7 +240,8 @@ class Trainer:
                                                       self.vocab_size)}
         scores = self._score(self.ddp, data, fn)
         data.old_logprobs = {b: s["lp"] for b, s in scores.items()}
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+        on_policy = self.config.rollout.policy == "student"  # else the behavior log-probs are the teacher's
+        if on_policy and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
             for b, lp in data.old_logprobs.items():
                 mask = data.response_mask(b)
                 if mask.any():
@@ -254,14 +278,17 @@ class Trainer:
             forward_step_func=forward_step, data_iterator=iter(batches), model=[self.ddp],
             num_microbatches=len(batches), seq_length=seq_len, micro_batch_size=self.config.reuse.micro_batch_size,
             forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise FloatingPointError(f"step {self.step}: the optimizer skipped the update (non-finite gradients)")
+        self.scheduler.step(1)
         if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
             return
         loss = sum(o["loss"].item() for o in outputs)
         if ps.get_context_parallel_rank() == 0:
             sums.add("grad_norm", float(grad_norm or 0.0), 1.0 / ps.get_data_parallel_world_size())
+            sums.add("lr", float(lr), 1.0 / ps.get_data_parallel_world_size())
             for out, batch in zip(outputs, batches):
                 for key in UPDATE_METRICS[1:-1]:
                     if key in out:
@@ -304,6 +331,63 @@ class Trainer:
             self.servers.call(lambda client, _: self.servers.weight_sync(client).update(weights, version),
                               teacher=False)
 
+    # ------------------------------------------------------------------ held-out evaluation
+
+    def evaluate(self, done: int, with_teacher: bool = False) -> dict:
+        """Held-out greedy accuracy / pass@1 of the current weights (on the servers) and the support-KL probe (see
+        ``evaluation``) after ``done`` training steps; appended to ``evals.jsonl``; returns the flat scalars."""
+        result, probe = None, [None]
+        if self.main:
+            result, probe[0] = self.servers.call(lambda client, teacher: self._evaluate_async(client, teacher,
+                                                                                             with_teacher))
+        dist.broadcast_object_list(probe, src=0)
+        support_kl = self._probe_support_kl(*probe[0]) if probe[0] is not None else None
+        if not self.main:
+            return {}
+        result["step"] = done
+        if support_kl is not None:
+            result["support_kl"] = support_kl
+        with open(self.out / "evals.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        flat = flat_eval_metrics(result["student"])
+        if support_kl is not None:
+            flat["probe_support_kl"] = support_kl
+        return flat
+
+    async def _evaluate_async(self, client, teacher_client, with_teacher: bool):
+        c, r = self.config, self.config.rollout
+        run = lambda target: evaluate_policy(target, self.eval_prompts, self.tokenizer, self.checker,  # noqa: E731
+                                             r.max_new_tokens, c.eval.samples, r.temperature, r.top_p, c.eval.seed)
+        result = {"student": await run(client)}
+        if with_teacher and teacher_client is not None:
+            result["teacher"] = await run(teacher_client)
+        probe = None
+        if c.eval.probe_prompts and teacher_client is not None:
+            prompts = [p.token_ids for p in self.eval_prompts[:c.eval.probe_prompts]]
+            config = RolloutConfig(n_samples=c.eval.probe_samples, seed=c.eval.seed + 7919, mask_token_ids=self.mask_ids,
+                                   sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                                           max_new_tokens=r.max_new_tokens))
+            trajectories = await generate_rollout(client, prompts, config)
+            probe = (trajectories, await SGLangTeacher(teacher_client, c.teacher.top_k).score(trajectories))
+        return result, probe
+
+    def _probe_support_kl(self, trajectories, scores) -> float:
+        """Token-weighted mean reverse KL (student || teacher) on the teacher's top-K support over the probe."""
+        data = RolloutData(trajectories, scores)
+        _, batches, seq_len = self._micro_batches(data, list(range(len(trajectories))), with_old=False)
+        tp_group = ps.get_tensor_model_parallel_group()
+
+        def fn(logits, batch):
+            _, metrics = topk_lsm_loss_parallel(logits, batch.teacher_topk_ids, batch.teacher_topk_logprobs,
+                                                batch.loss_mask, tp_group, vocab_size=self.vocab_size)
+            return {"kl": metrics["support_kl"], "n": batch.loss_mask.sum()}
+
+        sums = MetricSums()
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+            for out in forward_only(self.ddp, batches, fn, seq_len):
+                sums.add("probe_support_kl", out["kl"].item(), out["n"].item())
+        return sums.reduce(["probe_support_kl"]).get("probe_support_kl", float("nan"))
+
     def _rollout_stats(self, prompts, trajectories) -> dict:
         lengths = [len(r) for r in trajectories.response_ids]
         stats = {"response_length": sum(lengths) / max(len(lengths), 1),
@@ -312,8 +396,10 @@ class Trainer:
         if self.checker is not None:
             answers = [prompts[i].answer for i in trajectories.prompt_index]
             texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in trajectories.response_ids]
-            scored = [self.checker(t, a) for t, a in zip(texts, answers) if a is not None]
-            stats["solve_rate"] = sum(scored) / len(scored) if scored else float("nan")
+            scored = [(self.checker(t, a), prompts[i].difficulty)
+                      for t, a, i in zip(texts, answers, trajectories.prompt_index) if a is not None]
+            stats["solve_rate"] = sum(ok for ok, _ in scored) / len(scored) if scored else float("nan")
+            stats.update(solve_rate_by_difficulty(*zip(*scored)) if scored else {})
         return stats
 
 

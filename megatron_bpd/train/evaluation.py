@@ -1,0 +1,128 @@
+"""Held-out evaluation during training: what makes learning visible, as opposed to the per-step solve rate of a
+few training prompts.
+
+Every ``eval.every`` steps (and before the first update, and after the last) rank 0 asks the rollout servers,
+which hold the current weights, for
+
+- greedy responses to the held-out prompts (``eval.prompts``, first ``eval.limit``) -> greedy accuracy;
+- ``eval.samples`` responses per prompt at the rollout temperature and top-p -> pass@1 (the mean correct fraction)
+  and pass@n (n = ``eval.samples``, the unbiased estimator of ``eval.passk``);
+
+both overall and grouped by the prompts' difficulty (``data.difficulty_key``), with a 95% interval over the
+evaluated problems. The teacher is evaluated once, at step 0, the same way.
+
+The support KL probe: ``eval.probe_prompts`` fixed held-out prompts, ``eval.probe_samples`` responses each sampled
+by the current student with fixed seeds, scored by the teacher (top-K); every rank then computes the student's
+reverse KL to the teacher on the teacher's top-K support (``losses.topk_lsm_loss``'s ``support_kl``) with the
+Megatron model, so the number is the same under every parallel layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from ..eval.passk import mean_pass_at_k
+from ..rollout.client import SGLangClient
+from ..rollout.protocol import SamplingParams
+from ..rollout.rollout import RolloutConfig, generate_rollout
+from ..rollout.types import TrajectoryBatch
+from .data import Prompt
+
+
+@dataclass
+class EvalSettings:
+    """``every``: steps between held-out evaluations (0: none); ``prompts``: held-out prompts JSONL (the
+    ``data.prompts`` format, with answers); ``limit``: evaluate the first N (0: all); ``samples``: responses per
+    prompt for pass@1 (0: greedy only); ``probe_prompts`` x ``probe_samples``: the support-KL probe (0: off)."""
+
+    every: int = 0
+    prompts: str = ""
+    limit: int = 0
+    samples: int = 4
+    probe_prompts: int = 8
+    probe_samples: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.every < 0 or self.limit < 0 or self.samples < 0 or self.probe_prompts < 0 or self.probe_samples < 1:
+            raise ValueError(f"eval settings must be non-negative (probe_samples >= 1): {self}")
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> List[float]:
+    """95% Wilson score interval of a binomial proportion ``correct / n`` (``[0, 1]`` when n = 0)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def mean_interval(values: Sequence[float], z: float = 1.96) -> List[float]:
+    """Normal-approximation 95% interval of the mean of ``values`` (per-problem pass@1 fractions)."""
+    n = len(values)
+    if n < 2:
+        return [0.0, 1.0]
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return [max(0.0, mean - z * sd / math.sqrt(n)), min(1.0, mean + z * sd / math.sqrt(n))]
+
+
+def _responses_correct(trajectories: TrajectoryBatch, prompts: Sequence[Prompt], tokenizer, checker) -> List[bool]:
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in trajectories.response_ids]
+    return [bool(checker(t, prompts[i].answer)) for t, i in zip(texts, trajectories.prompt_index)]
+
+
+async def evaluate_policy(client: SGLangClient, prompts: Sequence[Prompt], tokenizer, checker: Callable,
+                          max_new_tokens: int, samples: int, temperature: float, top_p: float, seed: int) -> dict:
+    """Greedy accuracy, pass@1 and pass@``samples`` (``samples`` draws at ``temperature`` / ``top_p``) of the model
+    behind ``client`` on ``prompts``: ``{"n", "greedy", "greedy_ci", "pass1", "pass1_ci", "pass<samples>",
+    "by_difficulty": {d: {...}}}``."""
+    ids = [p.token_ids for p in prompts]
+    greedy = await generate_rollout(client, ids, RolloutConfig(
+        n_samples=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), seed=seed))
+    greedy_ok = _responses_correct(greedy, prompts, tokenizer, checker)
+    per_problem = None
+    if samples:
+        sampled = await generate_rollout(client, ids, RolloutConfig(
+            n_samples=samples, sampling=SamplingParams(temperature=temperature, top_p=top_p,
+                                                       max_new_tokens=max_new_tokens), seed=seed))
+        ok = _responses_correct(sampled, prompts, tokenizer, checker)
+        per_problem = [sum(ok[i * samples:(i + 1) * samples]) for i in range(len(prompts))]
+
+    def summary(rows: List[int]) -> dict:
+        correct = sum(greedy_ok[i] for i in rows)
+        out = {"n": len(rows), "greedy": correct / max(1, len(rows)), "greedy_ci": wilson_interval(correct, len(rows))}
+        if per_problem is not None:
+            correct = [per_problem[i] for i in rows]
+            out.update({f"pass{k}": v for k, v in mean_pass_at_k(samples, correct, sorted({1, samples})).items()})
+            out["pass1_ci"] = mean_interval([c / samples for c in correct])
+        return out
+
+    result = summary(list(range(len(prompts))))
+    groups: Dict[str, List[int]] = {}
+    for i, p in enumerate(prompts):
+        if p.difficulty is not None:
+            groups.setdefault(str(p.difficulty), []).append(i)
+    result["by_difficulty"] = {d: summary(rows) for d, rows in sorted(groups.items())}
+    return result
+
+
+def solve_rate_by_difficulty(correct: Sequence[bool], difficulties: Sequence[Optional[str]]) -> Dict[str, float]:
+    """``{"solve_rate_<d>": fraction}`` for each difficulty present (trajectories without one are left out)."""
+    groups: Dict[str, List[bool]] = {}
+    for ok, d in zip(correct, difficulties):
+        if d is not None:
+            groups.setdefault(str(d), []).append(ok)
+    return {f"solve_rate_{d}": sum(v) / len(v) for d, v in sorted(groups.items())}
+
+
+def flat_eval_metrics(result: dict, prefix: str = "eval") -> Dict[str, float]:
+    """The scalars of ``evaluate_policy``'s result as ``eval_greedy``, ``eval_pass1``, ``eval_greedy_<d>``, ..."""
+    scalar = lambda group: [k for k in group if k == "greedy" or k.startswith("pass") and not k.endswith("_ci")]  # noqa: E731
+    out = {f"{prefix}_{k}": result[k] for k in scalar(result)}
+    for d, group in result.get("by_difficulty", {}).items():
+        out.update({f"{prefix}_{k}_{d}": group[k] for k in scalar(group)})
+    return out
