@@ -37,20 +37,20 @@ class TaskRun:
     eval_prompts: str
     loss: str = "sampled_token"
     gate: dict = field(default_factory=lambda: {"granularity": "none"})
-    steps: int = 30
+    steps: int = 20
     seed: int = 0
-    lr: float = 1e-4
+    lr: float = 3e-4
     tp: int = 1
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 8
+    prompts_per_step: int = 64  # many prompts, one sample each: see docs/results/opd_regime.md
+    samples_per_prompt: int = 1
     epochs: int = 1
-    minibatches: int = 4
-    micro_batch_size: int = 4
+    minibatches: int = 2
+    micro_batch_size: int = 8
     top_k: int = 8
     max_new_tokens: int = 96
-    eval_every: int = 10
+    eval_every: int = 5
     eval_limit: int = 100
-    eval_samples: int = 4
+    eval_samples: int = 2
 
     def config(self) -> dict:
         """The trainer config (``python -m megatron_bpd.train --config``) of this run."""

@@ -149,3 +149,23 @@ def test_cli_writes_prompt_files_and_summary(tmp_path):
     train = read_problems_jsonl(out / "train.jsonl")
     test = read_problems_jsonl(out / "test.jsonl")
     assert len(train) == 16 and len(test) == 4 and not {(p.a, p.b) for p in train} & {(p.a, p.b) for p in test}
+
+
+def test_corrupted_inputs_keep_gold_targets_and_touch_only_solution_digits():
+    import random
+
+    from megatron_bpd.tasks.models import task_tokenizer
+    from megatron_bpd.tasks.sft import corrupt_digits, encode_example
+
+    tok = task_tokenizer()
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    problem = make_dataset(1, 4, 4)[0]
+    ids, labels = encode_example(tok, problem)
+    noisy = corrupt_digits(ids, labels, digits, 0.5, random.Random(0))
+    changed = [j for j, (a, b) in enumerate(zip(ids, noisy)) if a != b]
+    assert len(noisy) == len(ids) and changed, "rate 0.5 on a 4-digit solution changes some digits"
+    for j in changed:  # only solution digits, each replaced by another digit; the prompt is never touched
+        assert labels[j] != -100 and ids[j] in digits and noisy[j] in digits
+    solution_digits = sum(1 for t, y in zip(ids, labels) if y != -100 and t in digits)
+    assert 0.3 * solution_digits < len(changed) < 0.7 * solution_digits
+    assert corrupt_digits(ids, labels, digits, 0.0, random.Random(0)) == ids
