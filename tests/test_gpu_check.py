@@ -70,7 +70,8 @@ def test_report_reads_stages_junit_xml_and_bench_rows(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert set(s) == KEYS and s["versions"] is None and s["dry_run"] is False
     assert s["counts"] == {"pass": 1, "fail": 1, "skip": 1}
-    assert s["stages"][1] == {"name": "build", "status": "fail", "seconds": 30, "detail": "exit code 1 (see gpu_check.log)"}
+    assert s["stages"][1] == {"name": "build", "status": "fail", "seconds": 30,
+                              "detail": "exit code 1 (see gpu_check.log)"}
     cases = {c["id"].split("::")[-1]: c for c in s["tests"]["cases"]}
     assert s["tests"]["counts"] == {"pass": 1, "fail": 1, "skip": 1}
     assert cases["test_ok"]["properties"] == {"max_abs_err": "1.5e-07"}
