@@ -6,8 +6,9 @@
 #   bash scripts/gpu_check.sh --fetch-wheels      # download into .whl/ what a GPU machine without a package index
 #                                                 # lacks (megatron-core); run where pip reaches the index
 #
-# Stages, in order, each under its own timeout and all within GPU_CHECK_BUDGET_S seconds (default 540); a stage
-# that fails is recorded and the next one runs:
+# Stages, in order, each under its own timeout and all within GPU_CHECK_BUDGET_S seconds (default 540: one
+# 10-minute command; building the venv and trying Transformer Engine can take ~6 min more); a stage that fails is
+# recorded and the next one runs:
 #   gpu                  nvidia-smi lists a GPU (without one, only env and tests run, and only with GPU_CHECK_PYTHON)
 #   env                  the Python to use: $GPU_CHECK_PYTHON if set; else this machine's python3 (with its CUDA
 #                        torch) plus the wheels in .whl/ when that folder holds any; else the newest stack's venv
@@ -61,7 +62,7 @@ record() {  # record NAME pass|fail|skip SECONDS DETAIL
 }
 
 run_stage() {  # run_stage NAME TIMEOUT_S COMMAND... : COMMAND under min(TIMEOUT_S, budget left), output to the log
-  local name="$1" limit="$2" left rc=0 t0="$SECONDS"
+  local name="$1" limit="$2" left rc=0 t0="$SECONDS" first last
   shift 2
   left=$((budget - SECONDS))
   if [ "$left" -lt 30 ]; then
@@ -70,11 +71,14 @@ run_stage() {  # run_stage NAME TIMEOUT_S COMMAND... : COMMAND under min(TIMEOUT
   fi
   [ "$limit" -gt "$left" ] && limit="$left"
   echo "=== $name (timeout ${limit}s): $*" >>"$log"
+  first=$(($(wc -l <"$log") + 1))
   timeout --kill-after=15 "$limit" "$@" >>"$log" 2>&1 || rc=$?
+  last="$(tail -n "+$first" "$log" | grep -v '^[[:space:]]*$' | tail -1 | cut -c1-200)"  # the error, usually
   case "$rc" in
     0) record "$name" pass $((SECONDS - t0)) "" ;;
     124 | 137) record "$name" fail $((SECONDS - t0)) "timed out after ${limit}s" ;;
-    *) record "$name" fail $((SECONDS - t0)) "exit code $rc (see gpu_check.log)" ;;
+    127) record "$name" fail $((SECONDS - t0)) "command not found: $1" ;;
+    *) record "$name" fail $((SECONDS - t0)) "exit code $rc: ${last//$'\t'/ }" ;;
   esac
   return "$rc"
 }
@@ -91,6 +95,7 @@ setup_env() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
       .whl/*.whl || return
     command -v python3 >"$work/python"
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
   else
     echo "venv (scripts/env.sh newest)" >"$work/env_mode"
     local venv
@@ -98,8 +103,10 @@ setup_env() {
     venv="$(MEGATRON_BPD_NO_EXTENSION=1 bash scripts/env.sh newest)" || return
     echo "$venv/bin/python" >"$work/python"
   fi
-  "$(cat "$work/python")" -c "import torch, megatron.core; print('torch', torch.__version__, 'CUDA', \
-torch.version.cuda, 'available', torch.cuda.is_available(), 'megatron-core', megatron.core.__version__)"
+  "$(cat "$work/python")" -c "import sys, torch, megatron.core; print('torch', torch.__version__, 'CUDA', \
+torch.version.cuda, 'megatron-core', megatron.core.__version__); has_gpu = sys.argv[1] == '1'; \
+assert torch.cuda.is_available() or not has_gpu, 'nvidia-smi lists a GPU but this torch sees no CUDA device'" \
+    "$has_gpu"
 }
 
 # shellcheck disable=SC2317  # run indirectly: bash -c under timeout
@@ -163,7 +170,7 @@ print(json.dumps(out))
 EOF
 }
 export -f setup_env build_cuda versions
-export work
+export work has_gpu=0
 
 # ------------------------------------------------------------------------------------------------------ stages
 if [ "$dry_run" = 1 ]; then
@@ -171,7 +178,6 @@ if [ "$dry_run" = 1 ]; then
     record "$name" skip 0 "dry run: nothing was run"
   done
 else
-  has_gpu=0
   if run_stage gpu 60 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv; then
     has_gpu=1
   fi
@@ -179,16 +185,16 @@ else
     record env skip 0 "no GPU: nothing to set up (GPU_CHECK_PYTHON=PYTHON runs the tests stage anyway)"
   elif run_stage env 900 bash -c setup_env; then
     py="$(cat "$work/python")"
-    env_mode="$(cat "$work/env_mode")"
     [ -d "$work/site" ] && export PYTHONPATH="$work/site"
   fi
+  env_mode="$(cat "$work/env_mode" 2>/dev/null)"
   export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   export py
 
   if [ -z "$py" ] || [ "$has_gpu" = 0 ]; then
     record transformer_engine skip 0 "needs a GPU and the env stage"
   elif [ "$env_mode" = "venv (scripts/env.sh newest)" ]; then
-    run_stage transformer_engine 240 "$py" -m pip install "transformer-engine[pytorch]" \
+    run_stage transformer_engine 240 "$py" -m pip install --no-build-isolation "transformer-engine[pytorch]" \
       && run_stage transformer_engine_import 60 "$py" -c "import transformer_engine.pytorch"
   elif "$py" -c "import transformer_engine.pytorch" >>"$log" 2>&1; then
     record transformer_engine pass 0 "already installed"
