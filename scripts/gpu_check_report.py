@@ -118,12 +118,17 @@ def markdown(s: dict) -> str:
               f"{counts['skip']} skipped", ""]
     if tests.get("note"):
         lines.append(tests["note"])
-    shown = [c for c in tests["cases"] if c["status"] != "pass" or c["properties"]]
+    shown = [c for c in tests["cases"] if c["status"] == "fail" or (c["status"] == "pass" and c["properties"])]
     if shown:
         lines += _table(["test", "result", "s", "message / numbers"],
                         [(c["id"], c["status"], c["seconds"],
                           c["message"] or "; ".join(f"{k}={val}" for k, val in c["properties"].items()))
                          for c in shown])
+    skips = {}
+    for c in tests["cases"]:
+        if c["status"] == "skip":
+            skips[c["message"]] = skips.get(c["message"], 0) + 1
+    lines += [""] * bool(shown and skips) + [f"- {n} skipped: {message}" for message, n in skips.items()]
     rows = s["benches"]["bench_block_drift"]
     lines += ["", "## bench_block_drift (ms, median of 21 calls)", ""]
     lines += _table(["device", "n", "extension", "reference", "copy", "ref/ext", "ext/copy"],
