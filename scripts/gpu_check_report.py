@@ -99,6 +99,19 @@ def _fmt(x, digits=3):
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
+def _vocab_rows(rows) -> list:
+    """bench_vocab_parallel's rows with time relative to megatron's cross-entropy and memory to the naive path."""
+    by_path = {(r["vocab"], r["n"], r["tp"], r["op"], r["path"]): r for r in rows}
+    out = []
+    for r in rows:
+        key = (r["vocab"], r["n"], r["tp"], r["op"])
+        meg, naive = by_path.get(key + ("megatron CE",)), by_path.get(key + ("naive",))
+        out.append((r["vocab"], r["n"], r["tp"], r["op"], r["path"], _fmt(r["seconds"]),
+                    _fmt(r["seconds"] / meg["seconds"]) if meg else "", round(r["mib"]),
+                    _fmt(r["mib"] / naive["mib"]) if naive and naive["mib"] > 0 else "", round(r["comm_per_pos"])))
+    return out
+
+
 def markdown(s: dict) -> str:
     v = s["versions"] or {}
     lines = [f"# GPU check (issue 14){' - dry run' if s['dry_run'] else ''}", "",
@@ -137,9 +150,8 @@ def markdown(s: dict) -> str:
         if rows else ["no results"]
     rows = s["benches"]["bench_vocab_parallel"]
     lines += ["", "## bench_vocab_parallel (best of 3; peak extra CUDA MiB)", ""]
-    lines += _table(["V", "tokens", "TP", "op", "path", "time s", "peak MiB", "comm B/pos"],
-                    [(r["vocab"], r["n"], r["tp"], r["op"], r["path"], _fmt(r["seconds"]), round(r["mib"]),
-                      round(r["comm_per_pos"])) for r in rows]) if rows else ["no results"]
+    lines += _table(["V", "tokens", "TP", "op", "path", "time s", "x megatron CE", "peak MiB", "x naive",
+                     "comm B/pos"], _vocab_rows(rows)) if rows else ["no results"]
     return "\n".join(lines) + "\n"
 
 

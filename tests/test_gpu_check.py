@@ -62,6 +62,11 @@ def test_report_reads_stages_junit_xml_and_bench_rows(tmp_path):
                    timeout=120)
     (out / "bench_block_drift.json").write_text(json.dumps(json_rows(
         [("NVIDIA H200", 1000000, (0.02, 0.019), (1.5, 1.4), (0.01, 0.009), (0.005, 0.004))])))
+    vocab_rows = [dict(vocab=151936, n=4096, tp=1, op="logprobs_at", path=path, seconds=t, mib=m, grad_mib=2374.0,
+                       comm_per_pos=0.0, device="cuda:0") for path, t, m in (("ours", 0.006, 2400.0),
+                                                                              ("megatron CE", 0.005, 2380.0),
+                                                                              ("naive", 0.012, 7200.0))]
+    (out / "bench_vocab_parallel.json").write_text(json.dumps(vocab_rows))
     stages = tmp_path / "stages.tsv"
     stages.write_text("gpu\tpass\t1\t\nbuild\tfail\t30\texit code 1 (see gpu_check.log)\ntests\tskip\t0\tno Python\n")
     main(["--out", str(out), "--stages", str(stages), "--versions", str(tmp_path / "missing.json"),
@@ -77,7 +82,9 @@ def test_report_reads_stages_junit_xml_and_bench_rows(tmp_path):
     assert cases["test_ok"]["properties"] == {"max_abs_err": "1.5e-07"}
     assert "assert 1 == 2" in cases["test_bad"]["message"] and "needs a CUDA device" in cases["test_skipped"]["message"]
     (row,) = s["benches"]["bench_block_drift"]
-    assert row["ref_over_ext"] == 75.0 and row["ext_over_copy"] == 2.0 and s["benches"]["bench_vocab_parallel"] is None
+    assert row["ref_over_ext"] == 75.0 and row["ext_over_copy"] == 2.0 and s["benches"]["bench_vocab_parallel"] == \
+        vocab_rows
     summary = (out / "summary.md").read_text()
     assert "| NVIDIA H200 | 1e+06 | 0.02 | 1.5 | 0.01 | 75 | 2 |" in summary
     assert "max_abs_err=1.5e-07" in summary and "| build | fail | 30 |" in summary
+    assert "| 151936 | 4096 | 1 | logprobs_at | ours | 0.006 | 1.2 | 2400 | 0.333 | 0 |" in summary
