@@ -7,12 +7,15 @@ and a float32 [n] buffer (what it writes), i.e. the op's 13 bytes per position, 
 "fresh output" allocates and fills a float32 [n] (the first-touch cost of the op's own output).
 Times are medians over --repeats calls after 2 warmup calls (the last column compares the fastest calls); CPU
 runs use torch.set_num_threads(t) for each t in --threads (default 2); CUDA runs synchronize around each call.
+--device: "auto" (default) runs the CPU and, when there is one, the GPU; "cpu" or "cuda" only that.
 
     python bench/bench_block_drift.py                       # print the table
     python bench/bench_block_drift.py --write BENCHMARKS.md # also replace the section in that file
+    python bench/bench_block_drift.py --device cuda --json rows.json  # GPU only, rows also as JSON
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -117,17 +120,32 @@ def write_section(path, text):
     path.write_text(new)
 
 
+def json_rows(rows):
+    """The table's rows as dicts (milliseconds: median and fastest call)."""
+    keys = ("extension", "reference", "copy", "fresh_output")
+    return [dict(device=device, n=n, **{f"{k}_ms": t[0] for k, t in zip(keys, times)},
+                 **{f"{k}_min_ms": t[1] for k, t in zip(keys, times)},
+                 ref_over_ext=times[1][0] / times[0][0], ext_over_copy=times[0][0] / times[2][0])
+            for device, n, *times in rows]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6, 1e7])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="CPU thread counts to run")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--write", metavar="MARKDOWN", help="replace the benchmark's section in this file")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     cli = parser.parse_args()
     if not ops.extension_available():
         raise SystemExit("megatron_bpd._C is not built: pip install -e . first")
-    runs = [(torch.device("cpu"), t, f"cpu, {t} thread{'s' if t > 1 else ''}") for t in cli.threads]
-    if torch.cuda.is_available():
+    if cli.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    runs = []
+    if cli.device != "cuda":
+        runs += [(torch.device("cpu"), t, f"cpu, {t} thread{'s' if t > 1 else ''}") for t in cli.threads]
+    if cli.device != "cpu" and torch.cuda.is_available():
         runs.append((torch.device("cuda"), max(cli.threads), torch.cuda.get_device_name()))
     load_before = os.getloadavg()[0]
     rows = []
@@ -138,6 +156,8 @@ def main():
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     result = table(rows)
     print(result)
+    if cli.json:
+        Path(cli.json).write_text(json.dumps(json_rows(rows), indent=1))
     if cli.write:
         command = " ".join(["python", *sys.argv])
         load = f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (machine shared)"

@@ -1,6 +1,7 @@
 """Peak extra memory, time and communication of the vocab-parallel ops against the naive path and megatron-core.
 
     OMP_NUM_THREADS=1 python bench/bench_vocab_parallel.py [--configs V:TOKENS:TP ...] [--repeats 2]
+    python bench/bench_vocab_parallel.py --device cuda --configs 151936:4096:1 [--json rows.json]
 
 TP ranks are gloo processes on this machine (one core each at TP 2 on a 2-core box). The default configs keep the
 naive path within ~10 GiB of RAM (V=151936 at TP 2 with 2048 tokens). Per (V, tokens, TP) it runs,
@@ -9,6 +10,8 @@ on float32 logits [n, V/tp] (fp32: what GPTModel's output layer gives here):
   topk (K=32)           fwd:     ours | naive (all-gather V, log_softmax, topk)
   LSM loss (K=32)       fwd+bwd: ours (gather_at + losses.topk_lsm_loss) | naive (all-gather V, gather, same loss)
 
+With --device cuda each TP rank is a process on its own GPU (NCCL), and memory is the CUDA caching allocator's peak
+allocation during the op minus its allocation before it (torch.cuda.max_memory_allocated); otherwise:
 Memory: the peak resident set of the process during the op minus the resident set just before it (Linux VmHWM,
 reset through /proc/self/clear_refs before each run; glibc is told to mmap every allocation of 64 KiB or more,
 so freed tensors leave the resident set at once and new ones enter it); the inputs exist before, the gradient wrt the logits shard
@@ -22,6 +25,7 @@ counted by wrapping torch.distributed's collectives.
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
@@ -61,20 +65,44 @@ class CommCounter:
         return counted
 
 
-def measure_once(fn, make_inputs, comm):
+class HostPeak:
+    """Peak extra resident set (MiB) of this process since ``reset``: Linux VmHWM."""
+
+    def reset(self):
+        self.base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+
+    def read(self):
+        return (_status_kib("VmHWM") - self.base) / 1024
+
+
+class CudaPeak:
+    """Peak extra CUDA allocation (MiB) since ``reset``, from torch's caching allocator; ``read`` synchronizes."""
+
+    def reset(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+
+    def read(self):
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+
+
+def measure_once(fn, make_inputs, comm, peak):
     """(seconds, peak extra MiB, comm bytes) of one fn(*make_inputs()), ended by a barrier."""
     inputs = make_inputs()
     gc.collect()
     dist.barrier()
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
+    peak.reset()
     comm.bytes = 0
     start = time.perf_counter()
     fn(*inputs)
+    mib = peak.read()
     dist.barrier()
     seconds = time.perf_counter() - start
-    return seconds, (_status_kib("VmHWM") - base) / 1024, comm.bytes
+    return seconds, mib, comm.bytes
 
 
 # ------------------------------------------------------------------------------------------------ ops
@@ -132,17 +160,19 @@ def _bench(rank, world_size, configs, repeats):
 
     torch.set_num_threads(1)
     parallel.initialize(tp=world_size, seed=0)
+    device = parallel.compute_device()  # NCCL and this rank's GPU where CUDA is available, else gloo and the CPU
+    peak = CudaPeak() if device.type == "cuda" else HostPeak()
     group = parallel_state.get_tensor_model_parallel_group()
     comm = CommCounter()
     rows = []
     for vocab, n in configs:
         local = vocab // world_size
         gen = torch.Generator().manual_seed(rank)
-        logits = torch.randn(n, local, generator=gen) * 3
-        ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1))
-        support = torch.randint(0, vocab, (n, K), generator=torch.Generator().manual_seed(2))
-        teacher = torch.log_softmax(torch.randn(n, K, generator=torch.Generator().manual_seed(3)), -1)
-        mask, w = torch.ones(n), torch.randn(n, generator=torch.Generator().manual_seed(4))
+        logits = (torch.randn(n, local, generator=gen) * 3).to(device)
+        ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1)).to(device)
+        support = torch.randint(0, vocab, (n, K), generator=torch.Generator().manual_seed(2)).to(device)
+        teacher = torch.log_softmax(torch.randn(n, K, generator=torch.Generator().manual_seed(3)), -1).to(device)
+        mask, w = torch.ones(n, device=device), torch.randn(n, generator=torch.Generator().manual_seed(4)).to(device)
 
         def leaf():
             return logits.detach().requires_grad_()
@@ -162,13 +192,13 @@ def _bench(rank, world_size, configs, repeats):
         best = {}
         for _ in range(repeats):  # paths interleaved, so that a load burst on the shared machine hits all of them
             for op, path, fn, make in cases:
-                seconds, mib, sent = measure_once(fn, make, comm)
+                seconds, mib, sent = measure_once(fn, make, comm, peak)
                 prev = best.get((op, path), (float("inf"), 0.0, 0))
                 best[(op, path)] = (min(prev[0], seconds), max(prev[1], mib), sent)
         for (op, path), (seconds, mib, sent) in best.items():
             grad_mib = 0.0 if op == "topk" else n * local * 4 / 2**20  # the float32 logits grad it returns
             rows.append(dict(vocab=vocab, n=n, tp=world_size, op=op, path=path, seconds=seconds, mib=mib,
-                             grad_mib=grad_mib, comm_per_pos=sent / n))
+                             grad_mib=grad_mib, comm_per_pos=sent / n, device=str(device)))
         del logits
         gc.collect()
     parallel.destroy()
@@ -210,16 +240,28 @@ def main():
     parser.add_argument("--configs", nargs="+", default=["151936:4096:1", "8192:32768:1", "151936:2048:2",
                                                           "8192:16384:2"], help="vocab:tokens:tp")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: one GPU per TP rank over NCCL (the ranks select CUDA whenever it is available)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list")
     args = parser.parse_args()
+    if (args.device == "cuda") != torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {'sees no' if args.device == 'cuda' else 'sees a'} CUDA "
+                         "device, and the ranks run on CUDA exactly when one is visible (CUDA_VISIBLE_DEVICES='' "
+                         "hides it)")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc in the spawned ranks (see the docstring)
     by_tp = {}
     for config in args.configs:
         vocab, tokens, tp = (int(part) for part in config.split(":"))
         by_tp.setdefault(tp, []).append((vocab, tokens))
+    if args.device == "cuda" and max(by_tp) > torch.cuda.device_count():
+        raise SystemExit(f"TP={max(by_tp)} on CUDA needs that many GPUs, this machine has {torch.cuda.device_count()}")
     rows = []
     for tp, configs in by_tp.items():
         rows += _merge_ranks(run_distributed(_bench, tp, configs, args.repeats, timeout=1200))
     print(_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

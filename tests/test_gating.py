@@ -130,6 +130,31 @@ def test_spans_match_method_formulas():
     torch.testing.assert_close(gates, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", CONFIGS + [GateConfig(granularity="span")],
+                         ids=lambda c: f"{c.granularity}{c.block_size}-{c.statistic}-{c.gate_fn}-{c.scope}")
+def test_gates_on_cuda_match_method_formulas(config, dtype):
+    """Every granularity through the CUDA kernel: odd sizes, gates equal to the formulas and to the CPU kernel."""
+    if not ops._has_kernel(torch.device("cuda")):
+        pytest.fail("megatron_bpd._C has no CUDA kernel: rebuild it with a GPU visible")
+    cur, old, mask, starts = random_batch(11, b=3, s=257, dtype=dtype)
+    span_starts = torch.rand(cur.shape, generator=torch.Generator().manual_seed(2)) < 0.1
+    spans = dict(span_starts=span_starts) if config.granularity == "span" else {}
+    ops.set_backend("extension")
+    try:
+        gates, _ = drift_gates(cur.cuda(), old.cuda(), mask.cuda(), config, response_starts=starts.cuda(),
+                               **{k: v.cuda() for k, v in spans.items()})
+        cpu_gates, _ = drift_gates(cur, old, mask, config, response_starts=starts, **spans)
+    finally:
+        ops.set_backend("auto")
+    assert gates.device.type == "cuda" and gates.dtype == torch.float32
+    expected = reference_gates(cur.double().tolist(), old.double().tolist(), mask.tolist(), config, starts.tolist(),
+                               span_starts.tolist())
+    torch.testing.assert_close(gates.cpu(), torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gates.cpu(), cpu_gates, rtol=1e-5, atol=1e-6)
+
+
 def test_packed_equals_padded():
     """THD packing with cu_seqlens gives the same gates as the padded layout of the same sequences."""
     cur, old, mask, starts = random_batch(7, b=3, s=30)

@@ -1,5 +1,6 @@
 """The segment ops: extension vs the PyTorch reference, hand-computed numbers, opcheck, torch.compile, backend
-selection, and a compile check of the CUDA kernel."""
+selection, a compile check of the CUDA kernel, and (``-m gpu``) the CUDA kernel against the reference and the CPU
+kernel."""
 
 import math
 import random
@@ -77,6 +78,8 @@ def close(actual, expected, what):
 
 
 def check_against_reference(inputs, first_bad, statistic, gate_fn, normalize, tau=0.7, threshold=0.3):
+    """The extension's ops on ``inputs`` (any device) against the reference; returns the extension's
+    (segment_drift_stats, block_drift_gates) outputs."""
     ops.set_backend("extension")
     got_stats = ops.segment_drift_stats(*inputs, statistic)
     got = ops.block_drift_gates(*inputs, statistic, gate_fn, tau, threshold, normalize)
@@ -84,7 +87,7 @@ def check_against_reference(inputs, first_bad, statistic, gate_fn, normalize, ta
     want = ops.reference_block_drift_gates(*inputs, statistic, gate_fn, tau, threshold, normalize)
     assert int(got_stats[2]) == int(want_stats[2]) == int(got[4]) == int(want[4]) == first_bad
     if first_bad >= 0:  # NaN/inf reach the statistics; callers raise
-        return
+        return got_stats, got
     for name, a, b in zip(("seg_sum", "seg_count"), got_stats, want_stats):
         assert a.dtype == b.dtype == torch.float32
         close(a, b, name)
@@ -94,6 +97,7 @@ def check_against_reference(inputs, first_bad, statistic, gate_fn, normalize, ta
     seg_value = got[3]
     close(ops.segment_broadcast(seg_value, inputs[3], inputs[4], inputs[0].numel()),
           ops.reference_segment_broadcast(seg_value, inputs[3], inputs[4], inputs[0].numel()), "broadcast")
+    return got_stats, got
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,6 +291,42 @@ def test_input_checks():
         ops.block_drift_gates(cur, cur, mask, *seg, "mean")
     with pytest.raises(ValueError, match="unknown gate_fn"):
         ops.block_drift_gates(cur, cur, mask, *seg, "rms", "soft")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CUDA kernel (GPU machines)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Odd sizes: partial warps and blocks, segments longer and shorter than a block, one launch of ~20k segments.
+CUDA_SIZES = (0, 1, 7, 33, 257, 3001, 65_537, 1_000_003)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("statistic", STATS)
+def test_cuda_kernel_matches_reference_and_cpu_kernel(dtype, statistic, record_property):
+    assert ops._has_kernel(torch.device("cuda")), \
+        "megatron_bpd._C has no CUDA kernel: rebuild it with a GPU visible (or MEGATRON_BPD_FORCE_CUDA=1)"
+    worst = 0.0
+    for seed, n in enumerate(CUDA_SIZES):
+        for bad_valid in (0, 3):  # with non-finite values at valid positions: first_bad through atomicMin
+            inputs, first_bad = random_case(seed + 100 * bad_valid, n, dtype, bad_valid=bad_valid)
+            for gate_fn in ops.GATE_FNS:
+                for normalize in (False, True):
+                    on_gpu = check_against_reference(tuple(t.cuda() for t in inputs), first_bad, statistic, gate_fn,
+                                                     normalize)
+                    on_cpu = (ops.segment_drift_stats(*inputs, statistic),  # the CPU kernel (backend: extension)
+                              ops.block_drift_gates(*inputs, statistic, gate_fn, 0.7, 0.3, normalize))
+                    if first_bad >= 0:
+                        assert int(on_cpu[0][2]) == int(on_cpu[1][4]) == first_bad
+                        continue
+                    for gpu_out, cpu_out in zip(on_gpu, on_cpu):
+                        for a, b in zip(gpu_out, cpu_out):
+                            close(a.cpu(), b, f"CUDA vs CPU kernel, n={n}")
+                            if a.is_floating_point() and a.numel():
+                                worst = max(worst, (a.cpu() - b).abs().max().item())
+    record_property("max_abs_diff_cuda_vs_cpu_kernel", worst)
 
 
 # ---------------------------------------------------------------------------------------------------------------

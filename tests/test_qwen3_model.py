@@ -1,5 +1,6 @@
 """Qwen3 on Megatron-Core: config for every released size, the mapping's inverse, and logits parity with
-transformers' Qwen3ForCausalLM (float32, eager attention) at TP1, TP2 and PP2."""
+transformers' Qwen3ForCausalLM (float32, eager attention) at TP1, TP2 and PP2 with the local layer spec on the CPU,
+and (``-m gpu``) with Transformer Engine's layer spec on a GPU."""
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def forward_logits(model, tokens):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
 
     def step(_, model):
         return model(tokens, positions, attention_mask=None), lambda out, non_loss_data=True: out
@@ -108,39 +109,48 @@ def forward_logits(model, tokens):
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 
 
-def _megatron_logits(rank, world, dirs, tokens):
-    """Logits of every tiny model at every layout in LAYOUTS, from one pair of processes (TP1 runs with DP2)."""
+def _megatron_logits(rank, world, dirs, tokens, layouts, transformer_impl=None):
+    """Logits of every tiny model at every layout of ``layouts`` (name -> (tp, pp)), on this rank's compute device
+    (the CPU, or its GPU), as numpy arrays on the last stage."""
     from megatron_bpd import parallel
     from megatron_bpd.models.qwen3 import build_model, load_hf_weights
 
     out = {}
-    for layout, (tp, pp) in LAYOUTS.items():
+    for layout, (tp, pp) in layouts.items():
         parallel.initialize(tp=tp, pp=pp, seed=0)
         for name, hf_dir in dirs.items():
-            model = build_model(hf_dir)
+            model = build_model(hf_dir, transformer_impl=transformer_impl)
+            assert transformer_impl is None or model.qwen3.te == (transformer_impl == "transformer_engine")
             load_hf_weights(model, hf_dir, progress=False)
             model.eval()
             with torch.no_grad():
-                logits = forward_logits(model, tokens[name])
+                logits = forward_logits(model, tokens[name].to(parallel.compute_device()))
             if logits is not None:  # numpy: by value, a shared tensor dies with its process
-                out[layout, name] = logits.numpy()
+                out[layout, name] = logits.cpu().numpy()
     parallel.destroy()
     return out
 
 
-@pytest.fixture(scope="module")
-def parity(tiny_dirs):
-    """(Megatron logits per layout and model from the last rank, transformers logits per model)."""
+def _parity_inputs(tiny_dirs):
+    """(tokens [2, 11] per model, transformers' float32 logits per model)."""
     from transformers import AutoModelForCausalLM
 
     gen = torch.Generator().manual_seed(3)
     tokens = {name: torch.randint(0, TINY[name]["vocab"], (2, 11), generator=gen) for name in TINY}
-    got = run_distributed(_megatron_logits, 2, tiny_dirs, tokens)[-1]  # rank 1 is on the last stage everywhere
     ref = {}
     for name, hf_dir in tiny_dirs.items():
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
         with torch.no_grad():
             ref[name] = hf(tokens[name]).logits
+    return tokens, ref
+
+
+@pytest.fixture(scope="module")
+def parity(tiny_dirs):
+    """(Megatron logits per layout and model from the last rank, transformers logits per model); TP1 runs with
+    DP2."""
+    tokens, ref = _parity_inputs(tiny_dirs)
+    got = run_distributed(_megatron_logits, 2, tiny_dirs, tokens, LAYOUTS)[-1]  # rank 1: the last stage everywhere
     return got, ref
 
 
@@ -154,6 +164,25 @@ def test_logits_match_transformers(parity, tiny_dirs, layout, name):
     diff = (logits[..., :vocab] - ref[name]).abs().max().item()
     assert diff <= 1e-5, f"max abs diff {diff}"
     assert ref[name].abs().max() > 1  # logits are O(1): the comparison is not trivially small
+
+
+# Transformer Engine may run float32 GEMMs in TF32 (10-bit significand: inputs rounded by up to 2^-11 relative), which
+# moves these O(1-10) logits by ~1e-3; a wrong weight mapping moves them by O(1).
+TE_LOGITS_TOL = 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(TINY))
+def test_transformer_engine_spec_logits_match_transformers(tiny_dirs, name, record_property):
+    pytest.importorskip("transformer_engine.pytorch", reason="Transformer Engine is not installed")
+    tokens, ref = _parity_inputs({name: tiny_dirs[name]})
+    got = run_distributed(_megatron_logits, 1, {name: tiny_dirs[name]}, tokens, {"tp1": (1, 1)},
+                          "transformer_engine")[0]
+    logits, vocab = torch.from_numpy(got["tp1", name]), TINY[name]["vocab"]
+    diff = (logits[..., :vocab] - ref[name]).abs().max().item()
+    record_property("max_abs_diff_vs_transformers", diff)
+    assert diff <= TE_LOGITS_TOL, f"max abs diff {diff}"
+    assert ref[name].abs().max() > 1
 
 
 def test_make_tiny_tool_writes_a_folder_transformers_loads(tmp_path):

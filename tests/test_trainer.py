@@ -1,10 +1,13 @@
 """The distillation trainer end to end on tiny Qwen3 models with embedded SGLang-protocol servers: a torchrun launch
-at TP=2, exact resume, a rollout server crash, config errors."""
+at TP=2, exact resume, a rollout server crash, config errors, and (``-m gpu``) the CPU demo's setup on a GPU in bf16
+with Megatron's distributed optimizer."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,46 @@ def test_cuda_only_optimizers_are_refused_on_cpu():
     cpu_model.config.bf16 = False
     with pytest.raises(ValueError, match="CUDA tensors only"):
         wrap_for_training(cpu_model, OptimizerSettings(use_distributed_optimizer=True))
+
+
+# bf16 against the servers' float32: on the shipped student, transformers' bf16 forward differs from its float32
+# forward (same bf16-rounded weights) by 1.3e-3 nats per sampled token on average (max 0.09; bf16 keeps 8 significant
+# bits, and the logits, up to ~28, are rounded to bf16 before the log-softmax). The bound leaves ~8x room for
+# Megatron's different kernels; at the learning rate below one update moves the log-probs by more than it, so a
+# server left on stale weights would fail the check.
+BF16_MISMATCH_TOL = 1e-2
+
+
+def demo_setup_config(out: Path, **sections) -> Path:
+    """The CPU demo's run (shipped task models, sampled-token OPD, Block-16 gate, 2 reuse epochs) at TP=1 with a
+    smaller batch and a 10x learning rate; ``sections`` update its sections."""
+    from megatron_bpd.demo import SHIPPED_MODELS, demo_config
+    from megatron_bpd.tasks.arithmetic import write_prompts_jsonl
+    from megatron_bpd.tasks.sft import PrepConfig, datasets
+
+    prompts = write_prompts_jsonl(out / "prompts.jsonl", datasets(PrepConfig(seed=0))[0][:64])
+    args = Namespace(steps=3, seed=0, tp=1, block_size=16, lr=1e-3)
+    config = demo_config(out / "run", str(SHIPPED_MODELS / "student"), str(SHIPPED_MODELS / "teacher"), str(prompts),
+                         args)
+    config["rollout"].update(prompts_per_step=4, samples_per_prompt=4)
+    config["reuse"].update(minibatches=2)
+    for key, value in sections.items():
+        config[key].update(value)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.gpu
+def test_demo_setup_on_gpu_in_bf16_with_the_distributed_optimizer(tmp_path, record_property):
+    config = demo_setup_config(tmp_path, model={"precision": "bf16"}, optimizer={"use_distributed_optimizer": True})
+    run_distributed(_run_trainer, 1, str(config), 3, False)
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        record_property(f"step{r['step']}", {k: round(r[k], 6) for k in ("loss", "rollout_train_mismatch",
+                                                                         "drift_abs_mean", "grad_norm", "time_train")})
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
+        assert r["rollout_train_mismatch"] < BF16_MISMATCH_TOL, r
+        assert abs(r["gate_mean"] - 1.0) < 1e-3, r
+    assert max(r["drift_abs_mean"] for r in records) > BF16_MISMATCH_TOL, "updates too small to test weight sync"

@@ -1,6 +1,7 @@
-"""Vocab-parallel ops at TP 1/2/4 over gloo against a single-process float64 full-vocabulary reference.
+"""Vocab-parallel ops at TP 1/2/4 over gloo against a single-process float64 full-vocabulary reference on the CPU,
+and (``-m gpu``) the same cases on CUDA tensors over NCCL at TP 1 (TP 2 with two GPUs).
 
-One spawn per TP size runs every case (``_run_cases``) and reports errors; the tests below assert on them.
+One spawn per layout runs every case (``_run_cases``) and reports errors; the tests below assert on them.
 """
 
 import pytest
@@ -25,13 +26,14 @@ def _grad_of(fn, full, weight):
     return x.grad
 
 
-def _shard_of(full, rank, tp):
+def _shard_of(full, rank, tp, device="cpu"):
     local = full.shape[-1] // tp
-    return full[..., rank * local:(rank + 1) * local].clone().requires_grad_()
+    return full[..., rank * local:(rank + 1) * local].to(device, copy=True).requires_grad_()
 
 
 def _err(a, b):
-    return (a.double() - b.double()).abs().max().item()
+    """Max abs difference, on the CPU (``a`` may live on the GPU, the float64 references do not)."""
+    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
 
 
 # --------------------------------------------------------------------------------------------------- cases
@@ -64,9 +66,10 @@ def _make(case, rank, tp):
     return full, ids, weight_ids, weight_pos, vocab
 
 
-def _case_errors(case, rank, tp, group):
+def _case_errors(case, rank, tp, group, device):
     lead, padded, vocab_size, dtype, scale, temperature, k, chunk = case
     full, ids, w_ids, w_pos, vocab = _make(case, rank, tp)
+    ids_dev = ids.to(device)
     local = padded // tp
     cols = slice(rank * local, (rank + 1) * local)
     kw = dict(temperature=temperature, vocab_size=vocab_size, chunk_size=chunk)
@@ -82,20 +85,21 @@ def _case_errors(case, rank, tp, group):
         return -(lsm.exp() * lsm).sum(-1)
 
     for name, ours, ref, weight in (
-        ("logprobs_at", lambda s: vp.logprobs_at(s, ids, group, **kw), ref_logprobs, w_ids),
+        ("logprobs_at", lambda s: vp.logprobs_at(s, ids_dev, group, **kw), ref_logprobs, w_ids),
         ("entropy", lambda s: vp.entropy(s, group, **kw), ref_entropy, w_pos),
-        ("gather_at", lambda s: vp.gather_at(s, ids, group, vocab_size),
+        ("gather_at", lambda s: vp.gather_at(s, ids_dev, group, vocab_size),
          lambda x: x.gather(-1, ids if k else ids.unsqueeze(-1)).view(ids.shape), w_ids),
     ):
-        shard = _shard_of(full, rank, tp)
+        shard = _shard_of(full, rank, tp, device)
         value = ours(shard)
-        (value.double() * weight).sum().backward()
+        (value.double() * weight.to(device)).sum().backward()
         ref_value, ref_grad = ref(full.double()), _grad_of(ref, full, weight)[..., cols]
         out[name] = dict(value=_err(value, ref_value), grad=_err(shard.grad, ref_grad),
                          dtype=value.dtype, value_tol=_value_tol(ref_value), grad_tol=grad_tol,
                          pad_grad_zero=bool((shard.grad.reshape(-1, local)[:, max(vocab - rank * local, 0):] == 0).all()))
     top_k = k or 3
-    values, top_ids = vp.topk(_shard_of(full, rank, tp), top_k, group, temperature, vocab_size, chunk)
+    values, top_ids = vp.topk(_shard_of(full, rank, tp, device), top_k, group, temperature, vocab_size, chunk)
+    values, top_ids = values.cpu(), top_ids.cpu()
     ref_lsm = _reference(full, vocab, temperature)
     ref_values = ref_lsm.topk(top_k, -1).values
     # ids: distinct, real, and their reference log-probs are the top-k values (bf16 logits have ties)
@@ -107,15 +111,15 @@ def _case_errors(case, rank, tp, group):
     return out
 
 
-def _megatron_ce_errors(rank, tp, group):
+def _megatron_ce_errors(rank, tp, group, device):
     """-logprobs_at(one id) against megatron's vocab_parallel_cross_entropy (values and grads)."""
     from megatron.core import tensor_parallel
 
     gen = torch.Generator().manual_seed(5)
     full = torch.randn(4, 3, 32 * tp, generator=gen) * 4
-    target = torch.randint(0, 32 * tp, (4, 3), generator=gen)
-    weight = torch.randn(4, 3, generator=gen)
-    ours_in, theirs_in = _shard_of(full, rank, tp), _shard_of(full, rank, tp)
+    target = torch.randint(0, 32 * tp, (4, 3), generator=gen).to(device)
+    weight = torch.randn(4, 3, generator=gen).to(device)
+    ours_in, theirs_in = _shard_of(full, rank, tp, device), _shard_of(full, rank, tp, device)
     ours = -vp.logprobs_at(ours_in, target, group, chunk_size=5)
     theirs = tensor_parallel.vocab_parallel_cross_entropy(theirs_in.clone(), target)  # it edits its input
     (ours * weight).sum().backward()
@@ -123,7 +127,7 @@ def _megatron_ce_errors(rank, tp, group):
     return dict(value=_err(ours, theirs), grad=_err(ours_in.grad, theirs_in.grad))
 
 
-def _lsm_errors(rank, tp, group):
+def _lsm_errors(rank, tp, group, device):
     """topk_lsm_loss_parallel against losses.topk_lsm_loss on the unsharded float64 logits."""
     from megatron_bpd.losses import topk_lsm_loss
 
@@ -134,8 +138,9 @@ def _lsm_errors(rank, tp, group):
     teacher = torch.log_softmax(torch.randn(n, k, generator=gen), -1)
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 0])
     gates = torch.rand(n, generator=gen) + 0.5
-    shard = _shard_of(full, rank, tp)
-    loss, metrics = vp.topk_lsm_loss_parallel(shard, support, teacher, mask, group, vocab_size=vocab, gates=gates)
+    shard = _shard_of(full, rank, tp, device)
+    loss, metrics = vp.topk_lsm_loss_parallel(shard, support.to(device), teacher.to(device), mask.to(device), group,
+                                              vocab_size=vocab, gates=gates.to(device))
     loss.backward()
     ref_full = full.double().requires_grad_()
     ref_loss, ref_metrics = topk_lsm_loss(ref_full.gather(-1, support), teacher.double(), mask, gates=gates)
@@ -145,47 +150,69 @@ def _lsm_errors(rank, tp, group):
                 kl=abs(metrics["support_kl"].item() - ref_metrics["support_kl"].item()))
 
 
-def _padding_ids_error(rank, tp, group):
-    shard = torch.zeros(2, 1024 // tp)
+def _padding_ids_error(rank, tp, group, device):
+    shard = torch.zeros(2, 1024 // tp, device=device)
     try:
-        vp.logprobs_at(shard, torch.tensor([3, 1010]), group, vocab_size=1000)
+        vp.logprobs_at(shard, torch.tensor([3, 1010], device=device), group, vocab_size=1000)
     except ValueError as e:
         return str(e)
     return None
 
 
-def _run_cases(rank, world_size):
-    """Every case at TP 1, 2 and 4 in the same 4 processes (the model-parallel state is rebuilt per TP)."""
+def _run_cases(rank, world_size, tp_sizes):
+    """Every case at each TP of ``tp_sizes`` in the same processes (the model-parallel state is rebuilt per TP), on
+    ``parallel.compute_device()``: the CPU over gloo, or this rank's GPU over NCCL."""
     from megatron.core import parallel_state
 
     from megatron_bpd import parallel
 
     by_tp = {}
-    for tp in TP_SIZES:
+    for tp in tp_sizes:
         parallel.initialize(tp=tp, seed=1)
+        device = parallel.compute_device()
         group = parallel_state.get_tensor_model_parallel_group()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        results = {name: _case_errors(case, tp_rank, tp, group) for name, case in CASES.items()}
-        results["megatron_ce"] = _megatron_ce_errors(tp_rank, tp, group)
-        results["lsm"] = _lsm_errors(tp_rank, tp, group)
-        results["padding_ids"] = _padding_ids_error(tp_rank, tp, group)
+        results = {name: _case_errors(case, tp_rank, tp, group, device) for name, case in CASES.items()}
+        results["megatron_ce"] = _megatron_ce_errors(tp_rank, tp, group, device)
+        results["lsm"] = _lsm_errors(tp_rank, tp, group, device)
+        results["padding_ids"] = _padding_ids_error(tp_rank, tp, group, device)
+        results["device"] = str(device)
         by_tp[tp] = results
     parallel.destroy()
     return by_tp
 
 
 TP_SIZES = (1, 2, 4)
+# (device, TP): the CPU layouts over gloo, and CUDA over NCCL with one GPU per rank
+LAYOUTS = [pytest.param(("cpu", tp), id=f"tp{tp}") for tp in TP_SIZES] + [
+    pytest.param(("cuda", tp), id=f"cuda-tp{tp}", marks=pytest.mark.gpu) for tp in (1, 2)]
 
 
 @pytest.fixture(scope="module")
-def all_results():
-    return run_distributed(_run_cases, max(TP_SIZES))
+def run_layout():
+    """``run_layout(device, tp)`` -> per-rank results, spawned once per module: all CPU layouts in one group of
+    max(TP_SIZES) processes, each CUDA layout in its own group of TP processes."""
+    cache = {}
+
+    def run(device, tp):
+        key = "cpu" if device == "cpu" else tp
+        if key not in cache:
+            cache[key] = run_distributed(_run_cases, max(TP_SIZES), TP_SIZES) if device == "cpu" else \
+                run_distributed(_run_cases, tp, (tp,))
+        return cache[key]
+
+    return run
 
 
-@pytest.fixture(params=TP_SIZES, ids=lambda tp: f"tp{tp}")
-def results(request, all_results):
-    """(tp, [results of each of the 4 ranks at that TP])."""
-    return request.param, [by_tp[request.param] for by_tp in all_results]
+@pytest.fixture(params=LAYOUTS)
+def results(request, run_layout):
+    """(tp, [results of each rank at that TP])."""
+    device, tp = request.param
+    if device == "cuda" and torch.cuda.device_count() < tp:
+        pytest.skip(f"TP={tp} on CUDA needs {tp} GPUs, this machine has {torch.cuda.device_count()}")
+    per_rank = [by_tp[tp] for by_tp in run_layout(device, tp)]
+    assert all(r["device"].startswith(device) for r in per_rank), [r["device"] for r in per_rank]
+    return tp, per_rank
 
 
 # --------------------------------------------------------------------------------------------------- tests

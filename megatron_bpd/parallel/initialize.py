@@ -86,6 +86,11 @@ def initialize(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, timeout_
     return layout
 
 
+def compute_device() -> torch.device:
+    """The device this rank computes on: its CUDA device (``initialize`` selects LOCAL_RANK's) or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def destroy() -> None:
     """Tear down Megatron's parallel state and the process group (tests, end of a run)."""
     from megatron.core import parallel_state

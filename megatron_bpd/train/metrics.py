@@ -8,6 +8,8 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from ..parallel import compute_device
+
 SHOWN = ("loss", "drift_abs_mean", "gate_min", "solve_rate")
 
 
@@ -27,6 +29,7 @@ class MetricSums:
         no rank contributed to are left out."""
         packed = torch.tensor([[self.sums.get(n, 0.0), self.weights.get(n, 0.0)] for n in names], dtype=torch.float64)
         if dist.is_initialized():
+            packed = packed.to(compute_device())  # NCCL reduces CUDA tensors only
             dist.all_reduce(packed)
         return {n: s / w for n, (s, w) in zip(names, packed.tolist()) if w > 0}
 

@@ -197,23 +197,26 @@ class Trainer:
         return trajectories, scores
 
     def _micro_batches(self, data: RolloutData, rows: List[int], with_old: bool = True):
-        """(this DP rank's CP-split micro-batches of ``rows``, padded length)."""
+        """(this DP rank's CP-split micro-batches of ``rows`` on the compute device, padded length)."""
         c = self.config
         multiple = 2 * c.parallel.cp if c.parallel.cp > 1 else 1
         seq_len = padded_length(data, rows, multiple)
         mine = rows[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
         size = c.reuse.micro_batch_size
+        device = parallel.compute_device()
         batches = [micro_batch(data, mine[i:i + size], seq_len, self.loss_config.gate, pad_id=self._pad_id(),
                                newline_ids=self.newline_ids, with_old=with_old)
-                   .split_for_cp(c.parallel.cp, ps.get_context_parallel_rank()) for i in range(0, len(mine), size)]
+                   .split_for_cp(c.parallel.cp, ps.get_context_parallel_rank()).to(device)
+                   for i in range(0, len(mine), size)]
         return mine, batches, seq_len
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _score(self, model, data: RolloutData, fn) -> Dict[int, Dict[str, torch.Tensor]]:
-        """Per trajectory: ``fn``'s per-position outputs cut to the response, every trajectory on every last-stage
-        rank (each DP rank scores its share, then the shares are exchanged); other stages get {}."""
+        """Per trajectory: ``fn``'s per-position outputs cut to the response (CPU tensors, like all of
+        ``RolloutData``), every trajectory on every last-stage rank (each DP rank scores its share, then the shares
+        are exchanged); other stages get {}."""
         rows = list(range(len(data.trajectories)))
         mine, batches, seq_len = self._micro_batches(data, rows, with_old=False)
         outputs = forward_only(model, batches, fn, seq_len)
@@ -223,7 +226,7 @@ class Trainer:
             chunk = mine[i * size:(i + 1) * size]
             for key, value in out.items():
                 for b, piece in zip(chunk, response_slices(data, chunk, gather_cp(value, seq_len))):
-                    scores.setdefault(b, {})[key] = piece
+                    scores.setdefault(b, {})[key] = piece.cpu()
         if not ps.is_pipeline_last_stage():
             return {}
         parts = [None] * ps.get_data_parallel_world_size()
@@ -313,7 +316,7 @@ class Trainer:
                                           reduce=group_sum(cp_group))
             return {"terms": stats["normalizer_terms"]}
 
-        terms = torch.zeros(2, dtype=torch.float64)
+        terms = torch.zeros(2, dtype=torch.float64, device=parallel.compute_device())
         for out in forward_only(self.ddp, batches, fn, seq_len):
             terms += out["terms"]
         dist.all_reduce(terms, group=ps.get_data_parallel_group())
