@@ -186,5 +186,5 @@ def test_fused_head_step_equals_unfused_step(fused_results, tiny_model_dir, tied
         weights, ref_weights = fused[0]["weights"], unfused[0]["weights"]
         assert set(weights) == set(ref_weights) and head in weights, where
         for name, ref in ref_weights.items():
-            torch.testing.assert_close(weights[name], ref, rtol=1e-5, atol=1e-7, msg=f"{where} {name}")
+            torch.testing.assert_close(weights[name], ref, rtol=1e-5, atol=2e-6, msg=f"{where} {name}")
         assert (weights[head] - initial[head]).abs().max() > 1e-3, f"{where}: the output weight did not move"
