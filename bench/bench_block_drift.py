@@ -167,7 +167,8 @@ def main():
             f"{cli.repeats} calls after warmup; CPU rows with torch.set_num_threads(t) for the t shown; the last "
             f"column compares the fastest calls, which a busy machine disturbs less. With 2 threads on a shared "
             f"2-core machine a parallel region waits whenever another process holds a core; the reference (many "
-            f"small ops) suffers most.",
+            f"small ops) suffers most. \"drift_gates\" is the public call end to end on the packed layout (cu_seqlens, "
+            f"response_starts; its 0-d summaries are lazy), \"+ summaries\" also reads them.",
             f"Command: `{command}`",
             f"Machine: {cpu_name()}{gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
             f"{time.strftime('%Y-%m-%d')}; {load}.",

@@ -126,17 +126,17 @@ def main():
         print(f"| {tp} | {tokens} | {fm / mib:.0f} | {um / mib:.0f} | {1e3 * ft / tokens:.1f} | "
               f"{1e3 * ut / tokens:.1f} | {ft / ut:.2f}x |")
     lo, hi = min(cli.tokens), max(cli.tokens)
-    print("\nProjected (linear in tokens through the two measured sizes; not measured):")
-    print("| TP | tokens | fused MiB | unfused MiB | unfused logits + grad alone |")
+    print("\nProjected, not measured: unfused linear through the two measured sizes; fused the largest measured plus "
+          "its only per-token buffer, the float32 hidden gradient [n, h] (also part of the unfused slope):")
+    print("| TP | tokens | fused MiB | unfused MiB | unfused: float32 logits + their grad alone |")
     print("|---|---|---|---|---|")
     for tp in cli.tp:
         for tokens in cli.project:
-            cells = []
-            for path in ("fused", "unfused"):
-                a, b = rows[tp, lo, path][0], rows[tp, hi, path][0]
-                cells.append(a + (b - a) * (tokens - lo) / (hi - lo))
+            fused = max(rows[tp, t, "fused"][0] for t in cli.tokens) + (tokens - hi) * cli.hidden * 4
+            a, b = rows[tp, lo, "unfused"][0], rows[tp, hi, "unfused"][0]
+            unfused = a + (b - a) * (tokens - lo) / (hi - lo)
             logits = 2 * tokens * (cli.vocab // tp) * 4
-            print(f"| {tp} | {tokens} | {cells[0] / mib:.0f} | {cells[1] / mib:.0f} | {logits / mib:.0f} |")
+            print(f"| {tp} | {tokens} | {fused / mib:.0f} | {unfused / mib:.0f} | {logits / mib:.0f} |")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def _vocab_stats(logits, ids, tp_group, temperature, vocab_size, chunk_size, sof
 def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, tp_group, temperature: float = 1.0,
                 vocab_size: Optional[int] = None, chunk_size: Optional[int] = None) -> torch.Tensor:
     """log softmax(logits / T)[ids] over the full unpadded vocabulary: logits ``[..., V/tp]``, ids ``[...]`` ->
-    ``[...]`` or ids ``[..., K]`` -> ``[..., K]`` (float32). Backward, local shard only: dlogits_v = (sum_k g_k [v == id_k]
-    - p_v sum_k g_k) / T. ids outside [0, vocab_size) raise a ValueError (one host sync)."""
+    ``[...]`` or ids ``[..., K]`` -> ``[..., K]`` (float32). Backward, local shard only:
+    dlogits_v = (sum_k g_k [v == id_k] - p_v sum_k g_k) / T. ids outside [0, vocab_size) raise a ValueError (one
+    host sync)."""
     norm, _, x_ids = _vocab_stats(logits, ids, tp_group, temperature, vocab_size, chunk_size, True, False)
     return (x_ids - norm.unsqueeze(-1)).view(ids.shape)  # (x_i - M) - (lse - M)
 
