@@ -4,7 +4,9 @@ Layout: n tokens as sequences of 2048 (the last one cut at n), each with 256 ung
 Block-64 segments over the response; mask ~90% true; float32 log-probs; signed mean, exp gate, normalized.
 The floor ("copy") copies the buffers the op must touch into preallocated outputs: cur, old, mask (what it reads)
 and a float32 [n] buffer (what it writes), i.e. the op's 13 bytes per position, each read once and written once;
-"fresh output" allocates and fills a float32 [n] (the first-touch cost of the op's own output).
+"fresh output" allocates and fills a float32 [n] (the first-touch cost of the op's own output). "drift_gates" is the
+public call end to end on the same packed layout (cu_seqlens, response_starts: layout, segment bounds, the op, the
+per-segment stats; the 0-d summaries are lazy), "+ summaries" also reads them (what a logging trainer pays).
 Times are medians over --repeats calls after 2 warmup calls (the last column compares the fastest calls); CPU
 runs use torch.set_num_threads(t) for each t in --threads (default 2); CUDA runs synchronize around each call.
 --device: "auto" (default) runs the CPU and, when there is one, the GPU; "cpu" or "cuda" only that.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_bpd import ops
+from megatron_bpd import gating, ops
 
 SECTION = "## Block drift gate (issue 2)"
 SEQUENCE, PROMPT, BLOCK = 2048, 256, 64
@@ -87,16 +89,30 @@ def bench(n, device, repeats):
     def fresh_output():
         torch.empty(n, device=device).fill_(1.0)
 
-    return [timings_ms(fn, repeats, device) for fn in (extension, reference, copy, fresh_output)]
+    cu_seqlens = torch.cat([torch.arange(0, n, SEQUENCE), torch.tensor([n])]).to(device)
+    response_starts = torch.full((cu_seqlens.numel() - 1,), PROMPT, device=device)
+    config = gating.GateConfig(block_size=BLOCK)
+
+    def drift_gates():
+        ops.set_backend("auto")
+        return gating.drift_gates(cur, old, mask, config, cu_seqlens=cu_seqlens, response_starts=response_starts)
+
+    def with_summaries():
+        drift_gates()[1]["gate_mean"]
+
+    return [timings_ms(fn, repeats, device) for fn in (extension, reference, copy, fresh_output, drift_gates,
+                                                        with_summaries)]
 
 
 def table(rows):
     """Markdown table of medians; the last column compares the fastest calls (less sensitive to a busy machine)."""
-    lines = ["| device | n | extension ms | reference ms | copy ms | fresh output ms | ref/ext | ext/copy "
-             "| ext/copy, fastest calls |", "|---|---|---|---|---|---|---|---|---|"]
-    for device, n, (ext, ext_min), (ref, _), (cp, cp_min), (fresh, _) in rows:
-        lines.append(f"| {device} | {n:.0e} | {ext:.3f} | {ref:.3f} | {cp:.3f} | {fresh:.3f} | {ref / ext:.1f}x "
-                     f"| {ext / cp:.2f}x | {ext_min / cp_min:.2f}x |")
+    lines = ["| device | n | extension ms | reference ms | copy ms | fresh output ms | drift_gates ms "
+             "| + summaries ms | ref/ext | ext/copy | ext/copy, fastest calls | drift_gates/copy, fastest calls "
+             "| + summaries/copy, fastest calls |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for device, n, (ext, ext_min), (ref, _), (cp, cp_min), (fresh, _), (dg, dg_min), (full, full_min) in rows:
+        lines.append(f"| {device} | {n:.0e} | {ext:.3f} | {ref:.3f} | {cp:.3f} | {fresh:.3f} | {dg:.3f} | {full:.3f} "
+                     f"| {ref / ext:.1f}x | {ext / cp:.2f}x | {ext_min / cp_min:.2f}x | {dg_min / cp_min:.2f}x "
+                     f"| {full_min / cp_min:.2f}x |")
     return "\n".join(lines)
 
 
@@ -171,7 +187,8 @@ def main():
             f"{cli.repeats} calls after warmup; CPU rows with torch.set_num_threads(t) for the t shown; the last "
             f"column compares the fastest calls, which a busy machine disturbs less. With 2 threads on a shared "
             f"2-core machine a parallel region waits whenever another process holds a core; the reference (many "
-            f"small ops) suffers most.",
+            f"small ops) suffers most. \"drift_gates\" is the public call end to end on the packed layout (cu_seqlens, "
+            f"response_starts; its 0-d summaries are lazy), \"+ summaries\" also reads them.",
             f"Command: `{command}`",
             f"Machine: {cpu_name()}{gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
             f"{time.strftime('%Y-%m-%d')}; {load}.",

@@ -14,8 +14,9 @@ Layer 1 of the package: tensors in, tensors out; no torch.distributed, no Megatr
 the C++/CUDA extension when available (``megatron_bpd.ops``), else in its PyTorch reference.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -210,7 +211,8 @@ def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, loss_mas
 
     cur_logprobs, old_logprobs: ``[b, s]`` padded or ``[n]`` packed with ``cu_seqlens`` ``[num_seqs + 1]``, any
     float dtype. loss_mask: same shape, bool or 0/1. Returns ``gates`` float32 of the input shape (no grad; with
-    ``config.normalize`` they average 1 over the valid positions of each normalization scope) and ``stats``:
+    ``config.normalize`` they average 1 over the valid positions of each normalization scope) and ``stats``, a
+    ``GateStats`` mapping whose 0-d summaries are computed on first read (from the inputs as they are then):
     per-segment tensors (``segment_drift`` D_s, ``segment_count``, ``segment_gate``), ``normalizer_terms`` [2]
     (valid count, raw-gate-weighted count: summed over a whole batch they are the ``normalizer`` of scope
     "global") and 0-d summary tensors for logging (``gate_mean/min/max/std`` over valid positions,
@@ -232,7 +234,7 @@ def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, loss_mas
         config.normalize)
     _raise_if_bad(first_bad, layout.describe, layout.shape)
     raw = ops.raw_gate(seg_stat, config.gate_fn, config.tau, _threshold(config))
-    stats = _stats(seg_stat, seg_count, seg_gate, raw, _drift_sums(cur, old, mask))
+    stats = _stats(seg_stat, seg_count, seg_gate, raw, lambda: _drift_sums(cur, old, mask))
     return gates.reshape(cur_logprobs.shape), stats
 
 
@@ -285,7 +287,8 @@ def _check_inputs(cur, old, mask, span_starts=None):
 
 
 def _flat(cur, old, mask):
-    return cur.detach().reshape(-1), old.detach().reshape(-1), mask.reshape(-1) != 0
+    mask = mask.reshape(-1)
+    return cur.detach().reshape(-1), old.detach().reshape(-1), mask if mask.dtype == torch.bool else mask != 0
 
 
 def _threshold(config: GateConfig) -> float:
@@ -348,17 +351,49 @@ def _with_sentinel(values, keep, fill):
     return torch.cat([torch.where(keep, values, fill), values.new_full((1,), fill)])
 
 
+SUMMARIES = ("gate_mean", "gate_std", "gate_min", "gate_max", "drift_mean", "drift_abs_mean",
+             "segment_drift_abs_mean", "frac_gate_below_half")
+
+
+class GateStats(Mapping):
+    """The ``stats`` of ``drift_gates``: per-segment tensors and ``normalizer_terms`` at once, the 0-d logging
+    ``SUMMARIES`` computed together on first access (a caller that only wants the gates skips their passes over
+    [n] and [S]). Read-only mapping of str -> tensor."""
+
+    def __init__(self, tensors: dict, summaries: Callable[[], dict]):
+        self._values, self._summaries = dict(tensors), summaries
+
+    def __getitem__(self, key):
+        if key in SUMMARIES and self._summaries is not None:
+            self._values.update(self._summaries())
+            self._summaries = None
+        return self._values[key]
+
+    def __iter__(self):
+        return iter([*self._values, *(SUMMARIES if self._summaries is not None else ())])
+
+    def __len__(self):
+        return len(self._values) + (len(SUMMARIES) if self._summaries is not None else 0)
+
+
+def _stats(seg_stat, seg_count, seg_gate, raw_gate, drift_sums: Union[torch.Tensor, Callable]) -> GateStats:
+    """Per-segment tensors and lazy 0-d summaries for logging (no host sync); see ``drift_gates``.
+    ``drift_sums``: the [3] of ``_drift_sums``, or a function computing it when a summary is first read."""
+    tensors = dict(segment_drift=seg_stat, segment_count=seg_count, segment_gate=seg_gate,
+                   normalizer_terms=torch.stack([seg_count.sum(), (raw_gate * seg_count).sum()]).double())
+    return GateStats(tensors, lambda: _summaries(seg_stat, seg_count, seg_gate,
+                                                 drift_sums() if callable(drift_sums) else drift_sums))
+
+
 @torch.no_grad()
-def _stats(seg_stat, seg_count, seg_gate, raw_gate, drift_sums) -> dict:
-    """Per-segment tensors and 0-d summaries for logging (no host sync); see ``drift_gates``."""
+def _summaries(seg_stat, seg_count, seg_gate, drift_sums) -> dict:
+    """The 0-d ``SUMMARIES``: gate moments over valid positions, token- and segment-level drift."""
     valid = seg_count > 0
     denom = seg_count.sum().clamp(min=1)
     gate_mean = (seg_gate * seg_count).sum() / denom
     one = torch.ones((), device=seg_gate.device)
     any_valid = valid.any()
     return dict(
-        segment_drift=seg_stat, segment_count=seg_count, segment_gate=seg_gate,
-        normalizer_terms=torch.stack([seg_count.sum(), (raw_gate * seg_count).sum()]).double(),
         gate_mean=torch.where(any_valid, gate_mean, one),
         gate_std=((seg_count * (seg_gate - gate_mean) ** 2).sum() / denom).sqrt(),
         gate_min=torch.where(any_valid, _with_sentinel(seg_gate, valid, float("inf")).amin(), one),

@@ -1,7 +1,8 @@
 """One optimizer step of gated OPD through Megatron-Core's pipeline schedules, DDP and optimizer on a tiny Qwen3
 GPTModel (local spec, qk_layernorm, GQA): the loss and the updated weights are the same under DP4, TP2xDP2,
 PP2xDP2 and TP2xPP2 (four processes), and equal to the same step taken with Hugging Face transformers'
-Qwen3ForCausalLM and the single-process losses."""
+Qwen3ForCausalLM and the single-process losses. The fused output-layer head (the default) and the unfused one
+(logits, then the ops on logits) give the same step, with untied and tied embeddings."""
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def _train_one_step(rank, world_size, hf_dir):
     return {(tp, pp, kind): _one_step(rank, tp, pp, hf_dir, kind) for tp, pp in LAYOUTS for kind in KINDS}
 
 
-def _one_step(rank, tp, pp, hf_dir, kind):
+def _one_step(rank, tp, pp, hf_dir, kind, fused_head=True):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -70,7 +71,7 @@ def _one_step(rank, tp, pp, hf_dir, kind):
     data = make_data()
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     batches = [micro_batch(data, rows) for rows in MICRO_BATCHES[dp_rank::dp]]
-    config = LossConfig(kind=kind, gate=GATE, vocab_size=VOCAB)
+    config = LossConfig(kind=kind, gate=GATE, vocab_size=VOCAB, fused_head=fused_head)
     forward_step = make_forward_step(config, data["mask"].sum(), len(batches))
     out = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp_model],
@@ -78,11 +79,13 @@ def _one_step(rank, tp, pp, hf_dir, kind):
     update_ok, _, _ = optimizer.step()
     assert update_ok
     weights = {name: tensor.clone() for name, tensor in iter_hf_weights(model)}
-    loss = torch.tensor(sum(o["loss"].item() for o in out) if ps.is_pipeline_last_stage() else 0.0)
+    last = ps.is_pipeline_last_stage()
+    loss = torch.tensor(sum(o["loss"].item() for o in out) if last else 0.0)
     import torch.distributed as dist
 
     dist.all_reduce(loss, group=ps.get_data_parallel_group())  # the batch loss: the sum over DP ranks
-    return dict(loss=loss.item() if ps.is_pipeline_last_stage() else None, weights=weights if rank == 0 else None)
+    support_kl = [o["support_kl"].item() for o in out] if last and kind == "sampled_token" else None
+    return dict(loss=loss.item() if last else None, weights=weights if rank == 0 else None, support_kl=support_kl)
 
 
 def hf_one_step(hf_dir, kind):
@@ -143,3 +146,45 @@ def _initial_weights(hf_dir):
     for f in Path(hf_dir).glob("*.safetensors"):
         weights.update(load_file(f))
     return weights
+
+
+# ------------------------------------------------------------------------------- fused head against unfused
+FUSED_LAYOUTS = [(1, 1), (2, 2)]  # DP4 and TP2xPP2 (TP2 on the last stage, which holds a copy of tied embeddings)
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(tmp_path_factory):
+    from megatron_bpd.models.tiny import make_tiny_qwen3
+
+    return str(make_tiny_qwen3(tmp_path_factory.mktemp("tied"), layers=2, hidden=64, heads=4, kv_heads=2,
+                               head_dim=16, ffn=96, vocab=VOCAB, tied=True, seed=3))
+
+
+def _fused_and_unfused_steps(rank, world_size, dirs):
+    return {(tied, tp, pp, kind, fused): _one_step(rank, tp, pp, hf_dir, kind, fused)
+            for tied, hf_dir in dirs.items() for tp, pp in FUSED_LAYOUTS for kind in KINDS for fused in (True, False)}
+
+
+@pytest.fixture(scope="module")
+def fused_results(tiny_model_dir, tied_model_dir):
+    return run_distributed(_fused_and_unfused_steps, 4, {False: tiny_model_dir, True: tied_model_dir}, timeout=1200)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("tp,pp", FUSED_LAYOUTS, ids=["DP4", "TP2xPP2"])
+def test_fused_head_step_equals_unfused_step(fused_results, tiny_model_dir, tied_model_dir, tied, tp, pp):
+    initial = _initial_weights(tied_model_dir if tied else tiny_model_dir)
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    for kind in KINDS:
+        fused, unfused = ([r[(tied, tp, pp, kind, f)] for r in fused_results] for f in (True, False))
+        where = f"tied={tied} TP{tp} PP{pp} {kind}"
+        losses = [next(r["loss"] for r in rs if r["loss"] is not None) for rs in (fused, unfused)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-7), where
+        if kind == "sampled_token":  # the logged support KL: the fused LSM head under no_grad
+            kls = [next(r["support_kl"] for r in rs if r["support_kl"] is not None) for rs in (fused, unfused)]
+            assert kls[0] == pytest.approx(kls[1], rel=1e-6, abs=1e-7), where
+        weights, ref_weights = fused[0]["weights"], unfused[0]["weights"]
+        assert set(weights) == set(ref_weights) and head in weights, where
+        for name, ref in ref_weights.items():
+            torch.testing.assert_close(weights[name], ref, rtol=1e-5, atol=2e-6, msg=f"{where} {name}")
+        assert (weights[head] - initial[head]).abs().max() > 1e-3, f"{where}: the output weight did not move"

@@ -6,7 +6,9 @@
 
 Every stage runs the model on its micro-batch; on the last pipeline stage the model returns vocab-parallel logits
 ``[b, s, V/tp]`` (``parallel_output=True``) and the loss function computes log-probs, gates and the loss from them
-without gathering the vocabulary. Other stages only pass activations.
+without gathering the vocabulary. With ``LossConfig.fused_head`` the last stage returns the final hidden states
+instead (``models.output_layer.final_hidden_states``) and the loss runs the output layer fused with the log-probs,
+never holding the logits. Other stages only pass activations.
 """
 
 import functools
@@ -14,8 +16,9 @@ import functools
 import torch
 from megatron.core import parallel_state
 
+from ..models.output_layer import final_hidden_states
 from .batch import MicroBatch
-from .loss import LossConfig, opd_loss
+from .loss import HiddenStates, LossConfig, opd_loss
 
 
 def gradient_scale(num_microbatches: int) -> float:
@@ -37,15 +40,20 @@ def make_forward_step(config: LossConfig, num_tokens: torch.Tensor, num_microbat
     """
     scale = gradient_scale(num_microbatches)
 
-    def loss_func(batch: MicroBatch, logits: torch.Tensor):
-        loss, metrics = opd_loss(logits, batch, config, num_tokens,
+    def loss_func(batch: MicroBatch, weight, output: torch.Tensor):
+        head = output if weight is None else HiddenStates(output, weight)
+        loss, metrics = opd_loss(head, batch, config, num_tokens,
                                  tp_group=parallel_state.get_tensor_model_parallel_group(),
                                  cp_group=parallel_state.get_context_parallel_group(), normalizer=normalizer)
         return loss * scale, {"loss": loss.detach(), **metrics}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        logits = model(batch.tokens, batch.position_ids, attention_mask=None)
-        return logits, functools.partial(loss_func, batch)
+        if not config.fused_head:
+            logits = model(batch.tokens, batch.position_ids, attention_mask=None)
+            return logits, functools.partial(loss_func, batch, None)
+        with final_hidden_states(model) as head:
+            hidden = model(batch.tokens, batch.position_ids, attention_mask=None)
+        return hidden, functools.partial(loss_func, batch, head.weight)
 
     return forward_step

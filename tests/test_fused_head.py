@@ -1,0 +1,205 @@
+"""The fused output layer + vocab-parallel ops (``fused_linear_*``) at TP 1/2/4 over gloo: values and gradients of
+hidden and weight against (a) float64 full-vocabulary single-process math on hidden @ W^T and (b) the unfused
+path (float32 logits hidden @ W_shard^T, the ops on logits, the hidden gradient all-reduced over TP as Megatron's
+column-parallel output layer does). One spawn of 4 processes runs every case; the tests assert on the errors."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distributed import run_distributed
+
+from megatron_bpd import vocab_parallel as vp
+from megatron_bpd.losses import topk_lsm_loss
+
+# name: (tokens, h, padded V, vocab_size, dtype, temperature, K, chunk_tokens)
+CASES = {
+    "f32_k_ids": (9, 16, 96, None, torch.float32, 0.7, 3, 4),
+    "padded_90_of_128": (7, 12, 128, 90, torch.float32, 1.0, 4, 3),  # TP4: the last rank holds only padding
+    "bf16": (6, 16, 96, None, torch.bfloat16, 1.3, 2, 5),
+}
+TP_SIZES = (1, 2, 4)
+OPS = ("logprobs", "logprobs_k", "entropy", "lsm")
+
+
+def _make(case):
+    n, h, padded, vocab_size, dtype, temperature, k, chunk = case
+    vocab = padded if vocab_size is None else vocab_size
+    gen = torch.Generator().manual_seed(7 + padded + n)
+    hidden = torch.randn(n, h, generator=gen).to(dtype)
+    weight = (torch.randn(padded, h, generator=gen) * 0.8).to(dtype)
+    weight[vocab:] = 50.0  # padding rows: logits far above the real ones; they must never count
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    teacher = torch.log_softmax(torch.randn(n, k, generator=gen), -1)
+    mask = torch.rand(n, generator=gen) < 0.8
+    gates = torch.rand(n, generator=gen) + 0.5
+    w_pos = torch.randn(n, generator=gen, dtype=torch.float64)
+    w_ids = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    return dict(hidden=hidden, weight=weight, labels=labels, ids=ids, teacher=teacher, mask=mask, gates=gates,
+                w_pos=w_pos, w_ids=w_ids, vocab=vocab)
+
+
+def _objectives(d, temperature):
+    """op -> (fused(hidden, weight, group, kw), on_logits(logits, group, kw), float64 full(logits64), weight): each
+    returns a tensor whose weighted sum is back-propagated."""
+    lsm_kw = dict(gates=d["gates"])
+    return {
+        "logprobs": (lambda h, w, g, kw: vp.fused_linear_logprobs(h, w, d["labels"], g, temperature, **kw),
+                     lambda x, g, kw: vp.logprobs_at(x, d["labels"], g, temperature, **kw),
+                     lambda x: F.log_softmax(x / temperature, -1).gather(-1, d["labels"][:, None])[:, 0], d["w_pos"]),
+        "logprobs_k": (lambda h, w, g, kw: vp.fused_linear_logprobs(h, w, d["ids"], g, temperature, **kw),
+                       lambda x, g, kw: vp.logprobs_at(x, d["ids"], g, temperature, **kw),
+                       lambda x: F.log_softmax(x / temperature, -1).gather(-1, d["ids"]), d["w_ids"]),
+        "entropy": (lambda h, w, g, kw: vp.fused_linear_entropy(h, w, g, temperature, **kw),
+                    lambda x, g, kw: vp.entropy(x, g, temperature, **kw),
+                    lambda x: -(F.softmax(x / temperature, -1) * F.log_softmax(x / temperature, -1)).sum(-1),
+                    d["w_pos"]),
+        "lsm": (lambda h, w, g, kw: vp.fused_linear_lsm_loss(h, w, d["ids"], d["teacher"], d["mask"], g,
+                                                             kw["vocab_size"], **lsm_kw)[0],
+                lambda x, g, kw: vp.topk_lsm_loss_parallel(x, d["ids"], d["teacher"], d["mask"], g, kw["vocab_size"],
+                                                           **lsm_kw)[0],
+                lambda x: topk_lsm_loss(x.gather(-1, d["ids"]), d["teacher"].double(), d["mask"], **lsm_kw)[0],
+                torch.ones((), dtype=torch.float64)),
+    }
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _case_errors(case, rank, tp, group):
+    n, h, padded, vocab_size, dtype, temperature, k, chunk = case
+    d = _make(case)
+    local = padded // tp
+    rows = slice(rank * local, (rank + 1) * local)
+    kw = dict(vocab_size=vocab_size)
+    out = {}
+    for name, (fused, on_logits, full, weight) in _objectives(d, temperature).items():
+        hidden, w_shard = d["hidden"].clone().requires_grad_(), d["weight"][rows].clone().requires_grad_()
+        value = fused(hidden, w_shard, group, dict(kw, chunk_tokens=chunk))
+        (value.double() * weight).sum().backward()
+        # the unfused path: float32 logits of the shard, the ops on logits, the hidden grad summed over TP
+        u_hidden, u_weight = d["hidden"].clone().requires_grad_(), d["weight"][rows].clone().requires_grad_()
+        u_value = on_logits(u_hidden.float() @ u_weight.float().t(), group, dict(kw, chunk_size=chunk))
+        (u_value.double() * weight).sum().backward()
+        u_grad_hidden = u_hidden.grad.float()
+        if tp > 1:
+            dist.all_reduce(u_grad_hidden, group=group)
+        # float64 full vocabulary on one process
+        r_hidden = d["hidden"].double().requires_grad_()
+        r_weight = d["weight"].double().requires_grad_()
+        r_value = full((r_hidden @ r_weight.t())[:, :d["vocab"]])
+        (r_value * weight).sum().backward()
+        out[name] = dict(
+            dtype=value.dtype, grad_dtypes=(hidden.grad.dtype, w_shard.grad.dtype),
+            value_ref=_err(value, r_value), hidden_ref=_err(hidden.grad, r_hidden.grad),
+            weight_ref=_err(w_shard.grad, r_weight.grad[rows]),
+            value_unfused=_err(value, u_value), hidden_unfused=_err(hidden.grad, u_grad_hidden),
+            weight_unfused=_err(w_shard.grad, u_weight.grad),
+            scale=max(r_value.abs().max().item(), r_hidden.grad.abs().max().item(), r_weight.grad.abs().max().item()),
+            pad_rows_zero=bool((w_shard.grad[max(d["vocab"] - rank * local, 0):] == 0).all()))
+    values, ids = vp.fused_linear_topk(d["hidden"], d["weight"][rows], k, group, temperature, vocab_size, chunk)
+    u_values, u_ids = vp.topk(d["hidden"].float() @ d["weight"][rows].float().t(), k, group, temperature, vocab_size)
+    ref = F.log_softmax((d["hidden"].double() @ d["weight"].double().t())[:, :d["vocab"]] / temperature, -1)
+    ref_values = ref.topk(k, -1).values
+    out["topk"] = dict(value_ref=_err(values, ref_values), ids_equal_unfused=torch.equal(ids, u_ids),
+                       scale=max(ref_values.abs().max().item(), 1.0),
+                       value_unfused=_err(values, u_values), ids_real=bool((ids < d["vocab"]).all()),
+                       ids_match_values=_err(ref.gather(-1, ids), values), requires_grad=values.requires_grad)
+    return out
+
+
+def _saved_shapes(rank, tp, group):
+    """Shapes the autograd graph of fused_linear_logprobs + entropy keeps for the backward."""
+    n, h, v = 64, 8, 40
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        lp = vp.fused_linear_logprobs(hidden, weight, torch.randint(0, v * tp, (n,)), group, chunk_tokens=4)
+        ent = vp.fused_linear_entropy(hidden, weight, group, chunk_tokens=4)
+    (lp.sum() + ent.sum()).backward()
+    return shapes
+
+
+def _run_cases(rank, world_size):
+    from megatron.core import parallel_state
+
+    from megatron_bpd import parallel
+
+    by_tp = {}
+    for tp in TP_SIZES:
+        parallel.initialize(tp=tp, seed=1)
+        group = parallel_state.get_tensor_model_parallel_group()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        by_tp[tp] = {name: _case_errors(case, tp_rank, tp, group) for name, case in CASES.items()}
+        by_tp[tp]["saved_shapes"] = _saved_shapes(tp_rank, tp, group)
+    parallel.destroy()
+    return by_tp
+
+
+@pytest.fixture(scope="module")
+def all_results():
+    return run_distributed(_run_cases, max(TP_SIZES))
+
+
+@pytest.fixture(params=TP_SIZES, ids=lambda tp: f"tp{tp}")
+def results(request, all_results):
+    return request.param, [by_tp[request.param] for by_tp in all_results]
+
+
+# float32: a few ulps of float32 relative to the largest value; bf16 inputs: the same (both paths upcast the
+# bf16 values and accumulate in float32) but the gradients come back rounded to bf16.
+TOL = {torch.float32: dict(value=2e-6, grad=2e-6), torch.bfloat16: dict(value=2e-6, grad=8e-3)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("op", OPS)
+def test_fused_ops_match_float64_reference_and_unfused_path(results, case, op):
+    tp, per_rank = results
+    tol = TOL[CASES[case][4]]
+    for rank, res in enumerate(per_rank):
+        r = res[case][op]
+        where = f"tp{tp} rank {rank} {case} {op}: {r}"
+        assert r["dtype"] == torch.float32 and r["grad_dtypes"] == (CASES[case][4],) * 2, where
+        scale = max(r["scale"], 1)
+        assert r["value_ref"] <= tol["value"] * scale and r["value_unfused"] <= 1e-6 * scale, where
+        for grad in ("hidden", "weight"):
+            assert r[f"{grad}_ref"] <= tol["grad"] * scale and r[f"{grad}_unfused"] <= tol["grad"] * scale, where
+        assert r["pad_rows_zero"], where
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_topk_matches_reference_and_unfused_path(results, case):
+    tp, per_rank = results
+    for rank, res in enumerate(per_rank):
+        r = res[case]["topk"]
+        assert r["ids_real"] and r["ids_equal_unfused"] and not r["requires_grad"], (tp, rank, case, r)
+        tol = 1e-6 * r["scale"]  # float32 log-probs: a few ulps of the largest
+        assert r["value_ref"] <= tol and r["value_unfused"] <= tol and r["ids_match_values"] <= tol, r
+
+
+def test_backward_keeps_no_logits(results):
+    """Only [n] statistics, [n] ids and the inputs are saved: nothing of [n, V/tp] (n = 64, V/tp = 40)."""
+    tp, per_rank = results
+    for res in per_rank:
+        shapes = res["saved_shapes"]
+        assert shapes and all(s in {(64,), (64, 1), (64, 8), (40, 8)} for s in shapes), shapes
+
+
+def test_fused_argument_errors():
+    hidden, weight = torch.zeros(3, 4), torch.zeros(8, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        vp.fused_linear_entropy(hidden, torch.zeros(8, 5))
+    with pytest.raises(ValueError, match="float tensors"):
+        vp.fused_linear_entropy(hidden.long(), weight)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 6\)"):
+        vp.fused_linear_logprobs(hidden, weight, torch.tensor([0, 6, 1]), vocab_size=6)
+    with pytest.raises(ValueError, match="do not match hidden"):
+        vp.fused_linear_logprobs(hidden, weight, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        vp.fused_linear_entropy(hidden, weight, chunk_tokens=0)
+    with pytest.raises(ValueError, match="k must be"):
+        vp.fused_linear_topk(hidden, weight, 9)
