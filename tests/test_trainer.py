@@ -124,6 +124,63 @@ def test_a_crashed_rollout_server_is_restarted_and_the_run_goes_on(tiny, tmp_pat
     assert records[-1]["rollout_train_mismatch"] < 1e-5  # the new server got the newest weights
 
 
+def _first_update_data(rank, world_size, config_path):
+    """Run the trainer; return the trajectories its first optimizer step trained on."""
+    from megatron_bpd.train.config import load_config
+    from megatron_bpd.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config_path))
+    seen, update = [], trainer._update
+    trainer._update = lambda data, rows, sums: (seen.append(data.trajectories.select(rows)), update(data, rows, sums))
+    trainer.run()
+    return seen[0]
+
+
+def lsm_reference(tiny, trajectories, top_k: int, tail: bool, fraction: float) -> float:
+    """method.md's LSM loss of one fresh-rollout update (gates 1), float64 with transformers, position by position:
+    S_t = teacher top-K (+ y_t if ``tail`` and y_t is not in it), l_t = sum_S p~_s clamp(log p~_s - log p~_q, +-5),
+    mean over the ``fraction`` of valid positions of the batch with the highest student entropy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student, teacher = (AutoModelForCausalLM.from_pretrained(tiny / name, torch_dtype=torch.float64).eval()
+                        for name in ("student", "teacher"))
+    entropies, losses = [], []
+    for prompt, response, mask in zip(trajectories.prompt_ids, trajectories.response_ids, trajectories.loss_mask):
+        ids = torch.tensor([prompt + response])
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(response))
+        with torch.no_grad():
+            s_logits, t_logits = student(ids).logits[0, span], teacher(ids).logits[0, span]
+        s_logp, t_logp = s_logits.log_softmax(-1), t_logits.log_softmax(-1)
+        for t, y in enumerate(response):
+            if not mask[t]:
+                continue
+            entropies.append(float(-(s_logp[t].exp() * s_logp[t]).sum()))
+            support = t_logp[t].topk(top_k).indices.tolist()
+            if tail and y not in support:
+                support.append(y)
+            p_s, p_q = s_logits[t, support].log_softmax(-1), t_logp[t, support].log_softmax(-1)
+            losses.append(float((p_s.exp() * (p_s - p_q).clamp(-5, 5)).sum()))
+    keep = max(1, int(round(fraction * len(entropies))))
+    cutoff = sorted(entropies, reverse=True)[keep - 1]
+    kept = [l for h, l in zip(entropies, losses) if h >= cutoff]
+    return sum(kept) / len(kept)
+
+
+def test_lsm_tail_and_top_entropy_filter_give_the_formula_of_method_md(tiny, tmp_path):
+    out = tmp_path / "lsm-options"
+    config = write_config(tiny, out, steps=1, reuse={"epochs": 1, "minibatches": 1},
+                          rollout={"max_new_tokens": 16, "top_p": 1.0},
+                          loss={"kind": "topk_lsm", "tail": True, "top_entropy_fraction": 0.3})
+    (trajectories,) = run_distributed(_first_update_data, 1, str(config))
+    (record,) = read_metrics(out)
+    expected = lsm_reference(tiny, trajectories, 4, tail=True, fraction=0.3)
+    assert record["loss"] == pytest.approx(expected, rel=2e-5)
+    # the test can tell the options apart: without either one the loss is another number
+    for tail, fraction in ((False, 0.3), (True, 1.0)):
+        assert abs(lsm_reference(tiny, trajectories, 4, tail, fraction) - expected) > 1e-3 * abs(expected)
+
+
 def test_unknown_config_keys_and_bad_layouts_are_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key\(s\) rollout.samples"):
         load_config(None, ["rollout.samples=4"])

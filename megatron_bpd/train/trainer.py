@@ -27,11 +27,12 @@ from ..rollout.rollout import RolloutConfig, generate_rollout
 from ..rollout.teacher import SGLangTeacher
 from ..rollout.types import TeacherScores
 from ..rollout.weight_sync import DiskWeightSync
-from ..vocab_parallel import logprobs_at, topk
+from ..vocab_parallel import entropy, logprobs_at, topk
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PromptDataset
 from .forward_step import make_forward_step
+from .loss import top_entropy_filter
 from .layout import check_layout
 from .metrics import MetricSums, MetricsLog
 from .rollout_data import RolloutData, micro_batch, newline_token_ids, padded_length, response_slices
@@ -245,9 +246,7 @@ class Trainer:
         if data.teacher is None and ps.is_pipeline_last_stage():
             raise ValueError("no teacher scores: teacher.source must be 'sglang' or 'megatron'")
         mine, batches, seq_len = self._micro_batches(data, rows, with_old=ps.is_pipeline_last_stage())
-        num_tokens = data.num_tokens(rows)
-        normalizer = self._global_normalizer(batches, num_tokens, seq_len) \
-            if self.loss_config.gate.scope == "global" else None
+        normalizer, batches, num_tokens = self._pre_pass(batches, data.num_tokens(rows), seq_len)
         zero_grads(self.ddp, self.optimizer)
         forward_step = make_forward_step(self.loss_config, num_tokens, len(batches), normalizer)
         outputs = get_forward_backward_func()(
@@ -271,26 +270,43 @@ class Trainer:
         shares = ps.get_data_parallel_world_size() * ps.get_context_parallel_world_size()
         sums.add("loss", loss * shares, 1.0 / shares)
 
-    def _global_normalizer(self, batches, num_tokens, seq_len) -> torch.Tensor:
-        """Gate normalizer terms of the whole mini-batch (scope "global"): one no-grad forward of every micro-batch,
-        summed over micro-batches and DP ranks."""
+    def _pre_pass(self, batches, num_tokens, seq_len):
+        """What the loss needs of the whole mini-batch before the backward pass, from one no-grad forward of every
+        micro-batch: the gate normalizer terms (scope "global", summed over micro-batches and DP ranks) and the
+        top-entropy filter (``loss.top_entropy_fraction`` < 1). Returns (normalizer or None, batches, num_tokens)."""
         from ..gating import gates_for_segments
         from ..parallel.context_parallel import group_sum
 
+        config = self.loss_config
+        terms_wanted, entropy_wanted = config.gate.scope == "global", config.top_entropy_fraction < 1
+        if not (terms_wanted or entropy_wanted):
+            return None, batches, num_tokens
         tp_group, cp_group = ps.get_tensor_model_parallel_group(), ps.get_context_parallel_group()
-        raw = dataclasses.replace(self.loss_config.gate, normalize=False)
+        raw = dataclasses.replace(config.gate, normalize=False)
 
         def fn(logits, batch):
-            cur = logprobs_at(logits, batch.labels, tp_group, self.loss_config.temperature, self.vocab_size)
-            _, stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan, raw,
-                                          reduce=group_sum(cp_group))
-            return {"terms": stats["normalizer_terms"]}
+            out = {}
+            if terms_wanted:
+                cur = logprobs_at(logits, batch.labels, tp_group, config.temperature, self.vocab_size)
+                _, stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
+                                              raw, reduce=group_sum(cp_group))
+                out["terms"] = stats["normalizer_terms"]
+            if entropy_wanted:
+                out["entropy"] = entropy(logits, tp_group, config.temperature, self.vocab_size)
+            return out
 
-        terms = torch.zeros(2, dtype=torch.float64)
-        for out in forward_only(self.ddp, batches, fn, seq_len):
-            terms += out["terms"]
-        dist.all_reduce(terms, group=ps.get_data_parallel_group())
-        return terms
+        outputs = forward_only(self.ddp, batches, fn, seq_len)
+        normalizer = None
+        if terms_wanted:
+            normalizer = torch.zeros(2, dtype=torch.float64)
+            for out in outputs:
+                normalizer += out["terms"]
+            dist.all_reduce(normalizer, group=ps.get_data_parallel_group())
+        if entropy_wanted and ps.is_pipeline_last_stage():
+            batches, num_tokens = top_entropy_filter(batches, [o["entropy"] for o in outputs],
+                                                     config.top_entropy_fraction,
+                                                     ps.get_data_parallel_group(with_context_parallel=True))
+        return normalizer, batches, num_tokens
 
     def _sync_weights(self) -> None:
         """Gather the full weights (a collective over each model-parallel group) and push them to the servers."""
