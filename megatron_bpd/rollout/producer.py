@@ -87,6 +87,7 @@ class RolloutProducer:
         self._versions: queue.Queue = queue.Queue()
         self._handed = first_version - 1
         self._results: dict = {}
+        self._preloaded: set = set()
         self._error: Optional[BaseException] = None
         self._done = threading.Condition()
         self._idle = 0.0  # time waiting for the trainer since the last finished step
@@ -106,7 +107,7 @@ class RolloutProducer:
         """A rollout finished before a restart (from a checkpoint): ``get`` returns it, nothing is sampled."""
         with self._done:
             self._results[rollout.step] = rollout
-        self._jobs.put((rollout.step, None))
+            self._preloaded.add(rollout.step)
 
     def push(self, version: int, weights: NamedTensors) -> None:
         """Hand over the trainer's weights of ``version`` (the next one; a CPU copy the producer keeps)."""
@@ -159,8 +160,8 @@ class RolloutProducer:
                 if self._closing:
                     continue
                 with self._done:
-                    if step in self._results:  # preloaded
-                        continue
+                    if step in self._preloaded:
+                        raise ValueError(f"step {step} was both preloaded and submitted")
                     self._results[step] = None
                 push_time = self._advance(self.version_for(step))
                 rollout = self._sample(step, job)
