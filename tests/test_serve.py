@@ -321,3 +321,43 @@ def test_text_prompts_and_stop_strings(text_server):
         assert cut["output_ids"] == ids[:k] and cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
         full = tokenizer.decode(ids[:k])
         assert cut["text"] == (full[: full.index(stop)] if trim else full)
+
+
+def test_api_key_is_required_except_on_health_and_the_client_sends_it(model_dir, tmp_path, monkeypatch):
+    """``--api-key`` as in SGLang: 401 without ``Authorization: Bearer <key>``, /health and /health_generate open;
+    the client takes the key from ClientConfig.api_key or $SGLANG_API_KEY."""
+    from megatron_bpd.rollout import ClientConfig, GenerateRequest, SamplingParams, ServerError, SGLangClient
+
+    (secured,) = start_servers(model_dir, tmp_path, 1, "--api-key", "s3cret", "--weight-version", "7")
+    try:
+        def status(path, headers=None, body=None):
+            req = urllib.request.Request(secured.url + path, headers=headers or {}, method="POST" if body else "GET",
+                                         data=json.dumps(body).encode() if body else None)
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        generate = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2}}
+        assert status("/health") == 200 and status("/health_generate") == 200
+        assert status("/get_weight_version") == 401 and status("/generate", body=generate) == 401
+        assert status("/generate", {"Authorization": "Bearer wrong"}, generate) == 401
+        assert status("/generate", {"Authorization": "s3cret"}, generate) == 401
+        assert status("/generate", {"Authorization": "Bearer s3cret"}, generate) == 200
+
+        async def sample(config):
+            async with SGLangClient(config) as client:
+                await client.wait_healthy()
+                request = GenerateRequest(PROMPT, SamplingParams(max_new_tokens=2), return_logprob=True)
+                return (await client.generate(request))[0]
+
+        monkeypatch.delenv("SGLANG_API_KEY", raising=False)
+        with pytest.raises(ServerError, match="401"):
+            asyncio.run(sample(ClientConfig(urls=[secured.url])))
+        out = asyncio.run(sample(ClientConfig(urls=[secured.url], api_key="s3cret")))
+        assert len(out.output_ids) == 2 and out.weight_version == "7"
+        monkeypatch.setenv("SGLANG_API_KEY", "s3cret")
+        assert len(asyncio.run(sample(ClientConfig(urls=[secured.url]))).output_ids) == 2
+    finally:
+        secured.stop()

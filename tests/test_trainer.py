@@ -85,13 +85,13 @@ def _run_trainer(rank, world_size, config_path, steps, resume, kill_server_befor
     original_stop = trainer.servers.stop
     trainer.servers.stop = lambda: None  # keep the servers across the two halves of this run
     trainer.run()
-    dead = trainer.servers.embedded[0]
+    dead = trainer.servers.embedded[0][1]
     dead.proc.kill()
     dead.proc.wait()
     trainer.config.steps = steps
     trainer.servers.stop = original_stop
     trainer.run()
-    return {"restarted": trainer.servers.embedded[0] is not dead}
+    return {"restarted": trainer.servers.embedded[0][1] is not dead}
 
 
 def torchrun(config, nproc, *overrides):
@@ -127,6 +127,167 @@ def test_a_crashed_rollout_server_is_restarted_and_the_run_goes_on(tiny, tmp_pat
     assert records[-1]["rollout_train_mismatch"] < 1e-5  # the new server got the newest weights
 
 
+def _first_update_data(rank, world_size, config_path):
+    """Run the trainer; return the trajectories its first optimizer step trained on."""
+    from megatron_bpd.train.config import load_config
+    from megatron_bpd.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config_path))
+    seen, update = [], trainer._update
+    trainer._update = lambda data, rows, sums: (seen.append(data.trajectories.select(rows)), update(data, rows, sums))
+    trainer.run()
+    return seen[0]
+
+
+def lsm_reference(tiny, trajectories, top_k: int, tail: bool, fraction: float) -> float:
+    """method.md's LSM loss of one fresh-rollout update (gates 1), float64 with transformers, position by position:
+    S_t = teacher top-K (+ y_t if ``tail`` and y_t is not in it), l_t = sum_S p~_s clamp(log p~_s - log p~_q, +-5),
+    mean over the ``fraction`` of valid positions of the batch with the highest student entropy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student, teacher = (AutoModelForCausalLM.from_pretrained(tiny / name, torch_dtype=torch.float64).eval()
+                        for name in ("student", "teacher"))
+    entropies, losses = [], []
+    for prompt, response, mask in zip(trajectories.prompt_ids, trajectories.response_ids, trajectories.loss_mask):
+        ids = torch.tensor([prompt + response])
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(response))
+        with torch.no_grad():
+            s_logits, t_logits = student(ids).logits[0, span], teacher(ids).logits[0, span]
+        s_logp, t_logp = s_logits.log_softmax(-1), t_logits.log_softmax(-1)
+        for t, y in enumerate(response):
+            if not mask[t]:
+                continue
+            entropies.append(float(-(s_logp[t].exp() * s_logp[t]).sum()))
+            support = t_logp[t].topk(top_k).indices.tolist()
+            if tail and y not in support:
+                support.append(y)
+            p_s, p_q = s_logits[t, support].log_softmax(-1), t_logp[t, support].log_softmax(-1)
+            losses.append(float((p_s.exp() * (p_s - p_q).clamp(-5, 5)).sum()))
+    keep = max(1, int(round(fraction * len(entropies))))
+    cutoff = sorted(entropies, reverse=True)[keep - 1]
+    kept = [l for h, l in zip(entropies, losses) if h >= cutoff]
+    return sum(kept) / len(kept)
+
+
+def test_lsm_tail_and_top_entropy_filter_give_the_formula_of_method_md(tiny, tmp_path):
+    out = tmp_path / "lsm-options"
+    config = write_config(tiny, out, steps=1, reuse={"epochs": 1, "minibatches": 1},
+                          rollout={"max_new_tokens": 16, "top_p": 1.0},
+                          loss={"kind": "topk_lsm", "tail": True, "top_entropy_fraction": 0.3})
+    (trajectories,) = run_distributed(_first_update_data, 1, str(config))
+    (record,) = read_metrics(out)
+    expected = lsm_reference(tiny, trajectories, 4, tail=True, fraction=0.3)
+    assert record["loss"] == pytest.approx(expected, rel=2e-5)
+    # the test can tell the options apart: without either one the loss is another number
+    for tail, fraction in ((False, 0.3), (True, 1.0)):
+        assert abs(lsm_reference(tiny, trajectories, 4, tail, fraction) - expected) > 1e-3 * abs(expected)
+
+
+class Crash(Exception):
+    pass
+
+
+def _overlapped_run(rank, world_size, config_path, overrides, crash_at=None, kill_at=None):
+    """Run the trainer; return {step: (trajectories, [rows of each update])} of what it trained on, whether a
+    student server was killed (SIGKILL, inside step ``kill_at``'s rollout) and restarted; ``crash_at``: the trainer
+    raises when it starts that step (after the checkpoint of the step before)."""
+    from megatron_bpd.train.config import load_config
+    from megatron_bpd.train.data import PromptDataset
+    from megatron_bpd.train.trainer import Trainer
+
+    trainer = Trainer(load_config(config_path, overrides))
+    trained, killed = {}, []
+    update, rollout, train_step = trainer._update, trainer._rollout, trainer.train_step
+
+    def spy_update(data, rows, sums):
+        trained.setdefault(trainer.step, (data.trajectories, []))[1].append(list(rows))
+        return update(data, rows, sums)
+
+    async def killing_rollout(client, teacher, step, prompts):
+        if step == kill_at and not killed:
+            killed.append(trainer.servers.embedded[0][1])
+            killed[0].kill()
+        return await rollout(client, teacher, step, prompts)
+
+    def crashing_step():
+        if trainer.step == crash_at:
+            raise Crash()
+        return train_step()
+
+    trainer._update, trainer._rollout, trainer.train_step = spy_update, killing_rollout, crashing_step
+    try:
+        trainer.run()
+    except Crash:
+        pass
+    c = trainer.config  # the prompts of every step, from a dataset of its own
+    dataset = PromptDataset(c.data.prompts, trainer.tokenizer, c.data.prompt_template, c.data.apply_chat_template,
+                            c.data.max_prompt_len, c.seed, c.data.shuffle)
+    prompts = [[p.token_ids for p in dataset.next_batch(c.rollout.prompts_per_step)] for _ in range(c.steps)]
+    return {"trained": trained, "prompts": prompts,
+            "restarted": bool(killed) and trainer.servers.embedded[0][1] is not killed[0]}
+
+
+def check_trained_once(run, steps, config):
+    """Every step trained on its own prompts' rollout (none lost, none twice), with every sample of every prompt
+    once per reuse epoch."""
+    samples, per_step = config["rollout"]["samples_per_prompt"], 0
+    assert sorted(run["trained"]) == list(steps)
+    for step, (trajectories, updates) in run["trained"].items():
+        assert trajectories.prompt_ids == [p for p in run["prompts"][step] for _ in range(samples)], step
+        per_step = len(run["prompts"][step]) * samples
+        assert len(trajectories) == per_step and "abort" not in trajectories.finish_reason
+        rows = sorted(r for update in updates for r in update)
+        assert rows == sorted(list(range(per_step)) * config["reuse"]["epochs"])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_overlapped_rollouts_train_every_trajectory_once_within_the_staleness_bound(tiny, tmp_path, k):
+    overlap = {"rollout": {"max_staleness": k}, "reuse": {"epochs": 2, "minibatches": 2, "old_logprobs": "rollout"},
+               "optimizer": {"lr": 1e-4}}  # small steps: the student keeps sampling different responses
+    config = write_config(tiny, tmp_path / "overlap", steps=4, **overlap)
+    (run,) = run_distributed(_overlapped_run, 1, str(config), [])
+    check_trained_once(run, range(4), yaml.safe_load(config.read_text()))
+    for r in read_metrics(tmp_path / "overlap"):
+        # step s samples with the weights of step max(s - k, 0): the bound is met exactly, never exceeded
+        assert r["staleness_max"] == r["staleness_mean"] == min(r["step"], k)
+        assert r["resampled_trajectories"] == 0
+        for key in ("time_wait_rollout", "time_wait_train", "time_generate", "rollout_tokens_per_s", "tokens_per_s"):
+            assert r[key] >= 0, key
+        for step, (trajectories, _) in run["trained"].items():
+            assert set(trajectories.weight_version) == {str(max(step - k, 0))}
+    # the servers end with the trainer's final weights
+    assert sorted(int(p.name) for p in (tmp_path / "overlap" / "weights").iterdir())[-1] == 4
+
+
+def test_overlapped_resume_after_a_crash_and_a_killed_server_continue_exactly(tiny, tmp_path):
+    """k = 2: a run that crashes after step 1's checkpoint and resumes (with a student server SIGKILLed inside step
+    4's rollout) trains on the same rollouts and gets the same losses as an uninterrupted run."""
+    overlap = {"rollout": {"max_staleness": 2}, "reuse": {"epochs": 2, "minibatches": 2, "old_logprobs": "rollout"},
+               "optimizer": {"lr": 1e-4}}
+    whole = write_config(tiny, tmp_path / "whole", steps=5, **overlap)
+    (reference,) = run_distributed(_overlapped_run, 1, str(whole), [])
+    split = write_config(tiny, tmp_path / "split", steps=5, checkpoint={"dir": str(tmp_path / "ckpt"), "every": 1},
+                         **overlap)
+    (first,) = run_distributed(_overlapped_run, 1, str(split), [], 2)
+    (second,) = run_distributed(_overlapped_run, 1, str(split), ["checkpoint.resume=true"], None, 4)
+    check_trained_once(first, [0, 1], yaml.safe_load(split.read_text()))
+    check_trained_once(second, [2, 3, 4], yaml.safe_load(split.read_text()))
+    assert second["restarted"]
+    for step in range(5):
+        got = (first if step < 2 else second)["trained"][step][0]
+        assert got.response_ids == reference["trained"][step][0].response_ids, step
+        assert got.weight_version == reference["trained"][step][0].weight_version, step
+    expected, records = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    for a, b in zip(expected, records):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-8), a["step"]
+        assert b["drift_abs_mean"] == pytest.approx(a["drift_abs_mean"], rel=1e-5, abs=1e-8), a["step"]
+    assert records[4]["resampled_trajectories"] == 4  # the killed server's step was sampled again, once
+    with pytest.raises(ValueError, match="needs reuse.old_logprobs='rollout'"):
+        load_config(whole, ["reuse.old_logprobs=recompute"])
+
+
 def test_unknown_config_keys_and_bad_layouts_are_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"unknown config key\(s\) rollout.samples"):
         load_config(None, ["rollout.samples=4"])
@@ -156,7 +317,7 @@ def _teacher_scores_agree(rank, world_size, config_path, teacher_dir):
     trainer = Trainer(load_config(config_path))
     try:
         prompts = trainer.dataset.next_batch(2)
-        trajectories, _ = trainer.servers.call(lambda client, _: trainer._rollout(client, None, prompts))
+        trajectories, _ = trainer.servers.call(lambda client, _: trainer._rollout(client, None, 0, prompts))
         inside = trainer._megatron_teacher_scores(RolloutData(trajectories))
     finally:
         trainer.servers.stop()

@@ -3,7 +3,8 @@
 Requests go round robin over ``urls`` with bounded concurrency. Connection errors, timeouts and HTTP 5xx are
 retried with exponential backoff on the next server (a server that failed is skipped for ``cooldown_s``); HTTP 4xx
 and malformed responses raise at once. Control calls (pause, flush, weight updates) go to every ``control_urls``
-server: the workers themselves, also when generation goes through a router.
+server: the workers themselves, also when generation goes through a router. Servers started with ``--api-key`` get
+it on every request as ``Authorization: Bearer <key>`` (``ClientConfig.api_key``, else $SGLANG_API_KEY).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ import aiohttp
 from megatron_bpd.rollout.protocol import GenerateOutput, GenerateRequest, ProtocolError
 
 log = logging.getLogger(__name__)
+API_KEY_ENV = "SGLANG_API_KEY"
 
 
 class ServerError(RuntimeError):
@@ -48,8 +51,11 @@ class ClientConfig:
     cooldown_s: float = 5.0
     health_timeout_s: float = 300.0
     rid_prefix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    api_key: str | None = None  # None: $SGLANG_API_KEY if set
 
     def __post_init__(self):
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
         if not self.urls:
             raise ValueError("ClientConfig.urls is empty: give at least one server or router URL")
         self.urls = [u.rstrip("/") for u in self.urls]
@@ -84,7 +90,8 @@ class SGLangClient:
 
     async def __aenter__(self) -> "SGLangClient":
         connector = aiohttp.TCPConnector(limit=self.config.max_concurrency * 2)
-        self._session = aiohttp.ClientSession(connector=connector)
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else None
+        self._session = aiohttp.ClientSession(connector=connector, headers=headers)
         return self
 
     async def __aexit__(self, *exc) -> None:

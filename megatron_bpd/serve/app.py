@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import random
@@ -61,15 +62,32 @@ def _per_prompt(value: Any, count: int, name: str, batched: bool) -> list:
     return [value] * count
 
 
-class SGLangServer:
-    """The HTTP endpoints. ``model_path`` is reported by /model_info and /server_info."""
+def api_key_middleware(api_key: str):
+    """SGLang's ``--api-key`` check: every request but OPTIONS, /health* and /metrics* needs the header
+    ``Authorization: Bearer <api_key>``, else HTTP 401 ``{"error": "Unauthorized"}``."""
+    expected = f"Bearer {api_key}".encode()
 
-    def __init__(self, engine: Engine, model_path: str, host: str, port: int, seed: int = 0):
+    @web.middleware
+    async def authenticate(request: web.Request, handler):
+        if request.method == "OPTIONS" or request.path.startswith(("/health", "/metrics")) or \
+                hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+            return await handler(request)
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    return authenticate
+
+
+class SGLangServer:
+    """The HTTP endpoints. ``model_path`` is reported by /model_info and /server_info; with ``api_key`` requests
+    must carry it as SGLang's do (see ``api_key_middleware``)."""
+
+    def __init__(self, engine: Engine, model_path: str, host: str, port: int, seed: int = 0,
+                 api_key: str | None = None):
         self.engine, self.model_path, self.host, self.port = engine, model_path, host, port
         self._seeds = random.Random(seed)
         self._update_groups: dict[str, Any] = {}
         self._update_session = False
-        self.app = web.Application(client_max_size=1 << 30)
+        self.app = web.Application(client_max_size=1 << 30,
+                                   middlewares=[api_key_middleware(api_key)] if api_key else [])
         get, post = self.app.router.add_get, self.app.router.add_post
         for path in ("/health", "/health_generate"):
             get(path, self.health)

@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=64, help="sequences decoded together")
     parser.add_argument("--seed", type=int, default=0, help="seeds requests that carry no sampling_seed")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: OMP_NUM_THREADS)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer <key>' on every request but /health* (as SGLang)")
+    parser.add_argument("--weight-version", default="default", help="the weight version reported before any update")
     parser.add_argument("--log-level", default="info")
     return parser.parse_args(argv)
 
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     engine = Engine(lambda: load_model(args.model, DTYPES[args.dtype]), max_running=args.max_running_requests)
-    server = SGLangServer(engine, args.model, args.host, args.port, seed=args.seed)
+    engine.weight_version = args.weight_version
+    server = SGLangServer(engine, args.model, args.host, args.port, seed=args.seed, api_key=args.api_key)
 
     async def on_startup(app: web.Application) -> None:
         engine.start()

@@ -25,16 +25,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedServer:
     """``with EmbeddedServer(model_dir) as server: ... server.url ...``: starts ``python -m megatron_bpd.serve``,
     waits until ``/health`` answers 200 (or raises with the log's tail when the process dies or times out), and
-    terminates it on exit (SIGTERM, then SIGKILL after ``stop_timeout_s``)."""
+    terminates it on exit (SIGTERM, then SIGKILL after ``stop_timeout_s``). ``api_key``: start it with
+    ``--api-key`` (clients must send the key; /health stays open)."""
 
     def __init__(self, model: str | Path, *, host: str = "127.0.0.1", port: int | None = None,
                  extra_args: Sequence[str] = (), log_path: str | Path | None = None,
-                 startup_timeout_s: float = 600.0, stop_timeout_s: float = 15.0, env: dict | None = None):
+                 startup_timeout_s: float = 600.0, stop_timeout_s: float = 15.0, env: dict | None = None,
+                 api_key: str | None = None):
         self.model = str(model)
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
-        self.extra_args = list(extra_args)
+        self.extra_args = list(extra_args) + (["--api-key", api_key] if api_key else [])
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s

@@ -18,7 +18,8 @@ class MicroBatch:
     tokens, labels, position_ids: ``[b, s]`` int64; loss_mask: ``[b, s]`` bool (response tokens sampled by the
     student); old_logprobs: ``[b, s]`` log-probs of the labels under the behavior student; segment_ids: ``[b, s]``
     the gate's segments (``plan.segment_ids`` or a CP rank's share of it); teacher_logprobs ``[b, s]`` (sampled-token
-    loss) or teacher_topk_ids / teacher_topk_logprobs ``[b, s, K]`` (LSM loss).
+    loss) or teacher_topk_ids / teacher_topk_logprobs ``[b, s, K]`` (LSM loss); train_mask ``[b, s]`` bool: the
+    positions the loss trains on when a filter (the top-entropy one) keeps only some of ``loss_mask`` (None: all).
     """
 
     tokens: torch.Tensor
@@ -31,6 +32,7 @@ class MicroBatch:
     teacher_logprobs: Optional[torch.Tensor] = None
     teacher_topk_ids: Optional[torch.Tensor] = None
     teacher_topk_logprobs: Optional[torch.Tensor] = None
+    train_mask: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.position_ids is None:
@@ -61,4 +63,4 @@ class MicroBatch:
 
 
 _PER_POSITION = ("tokens", "labels", "loss_mask", "old_logprobs", "segment_ids", "position_ids", "teacher_logprobs",
-                 "teacher_topk_ids", "teacher_topk_logprobs")
+                 "teacher_topk_ids", "teacher_topk_logprobs", "train_mask")

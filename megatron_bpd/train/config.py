@@ -56,7 +56,10 @@ class RolloutSettings:
     """Where and how the student samples. ``servers``: SGLang server or router URLs, or ["embedded"] to start
     ``embedded_servers`` of the project's own server as subprocesses (CPU machines). ``policy``: "student"
     (on-policy, the default) or "teacher" (the teacher servers sample: off-policy distillation, the control of
-    the experiments, with ``loss.kind: sft``)."""
+    the experiments, with ``loss.kind: sft``). ``api_key``: the servers' ``--api-key`` (None: $SGLANG_API_KEY if
+    set; embedded servers are started with it); never printed. ``max_staleness`` k: step s trains on rollouts
+    sampled with the weights of step s - k, generated while the trainer trains the steps before (0: the
+    synchronous loop; k > 0 needs reuse.old_logprobs "rollout")."""
 
     servers: List[str] = field(default_factory=lambda: ["embedded"])
     policy: str = "student"
@@ -71,8 +74,12 @@ class RolloutSettings:
     mask_special_tokens: List[str] = field(default_factory=list)  # e.g. ["<", "think", "<|im_end|>"]
     max_concurrency: int = 64
     request_timeout_s: float = 3600.0
+    api_key: Optional[str] = None
+    max_staleness: int = 0
 
     def __post_init__(self):
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.policy not in ("student", "teacher"):
             raise ValueError(f"rollout.policy must be 'student' or 'teacher', got {self.policy!r}")
 
@@ -80,12 +87,14 @@ class RolloutSettings:
 @dataclass
 class TeacherSettings:
     """``source`` "sglang": teacher servers (``servers``, or ["embedded"] to start one on ``model``);
-    "megatron": the teacher ``model`` (HF folder) runs inside the trainer on the same parallel layout."""
+    "megatron": the teacher ``model`` (HF folder) runs inside the trainer on the same parallel layout.
+    ``api_key`` as for the rollout servers."""
 
     source: str = "sglang"
     model: str = ""
     servers: List[str] = field(default_factory=lambda: ["embedded"])
     top_k: int = 32
+    api_key: Optional[str] = None
 
     def __post_init__(self):
         if self.source not in ("sglang", "megatron"):
@@ -95,8 +104,9 @@ class TeacherSettings:
 @dataclass
 class ReuseSettings:
     """Each rollout batch trains ``epochs`` x ``minibatches`` optimizer steps (the paper: 2 epochs).
-    ``old_logprobs``: "recompute" with the current weights before the first update (default) or "rollout" (the
-    server's behavior log-probs)."""
+    ``old_logprobs``: "recompute" with the current weights before the first update (default; the behavior policy's
+    only when the rollout was sampled with them, i.e. rollout.max_staleness 0) or "rollout" (the server's behavior
+    log-probs: the policy that sampled, also when it is k versions old, so that the gate measures the true drift)."""
 
     epochs: int = 2
     minibatches: int = 1
@@ -131,8 +141,17 @@ class TrainConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
+    def __post_init__(self):
+        if self.rollout.max_staleness > 0 and self.reuse.old_logprobs != "rollout":
+            raise ValueError(f"rollout.max_staleness={self.rollout.max_staleness} needs reuse.old_logprobs='rollout': "
+                             f"'recompute' would take the current weights, not the older ones that sampled, as the "
+                             f"behavior policy")
+
     def describe(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False)
+
+
+SECRETS = ("api_key",)  # printed as "***" when set
 
 
 def to_dict(config) -> dict:
@@ -141,6 +160,8 @@ def to_dict(config) -> dict:
         value = getattr(config, f.name)
         out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else (list(value) if isinstance(value, tuple)
                                                                                else value)
+        if f.name in SECRETS and value is not None:
+            out[f.name] = "***"
     return out
 
 

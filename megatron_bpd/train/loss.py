@@ -6,15 +6,20 @@ head the final hidden states [b, s, h] and the output layer's weight shard [V/tp
   drift gates (segment sums combined over the CP group, normalized over the configured scope) ->
   sampled-token PPO loss, or LSM on the teacher's top-K support (student logits gathered at the support ids),
   reduced with the global valid-token count of the optimizer-step batch.
+
+Two options of the LSM reference code: ``tail`` appends the sampled token to the support where the teacher's top-K
+misses it, and the top-entropy filter (``MicroBatch.train_mask``, chosen by the trainer over the whole mini-batch)
+restricts the loss positions.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 from ..gating import GateConfig, gates_for_segments
-from ..losses import gated_mean, sampled_token_opd_loss
+from ..losses import gated_mean, sampled_token_opd_loss, top_entropy_mask
 from ..parallel.context_parallel import group_sum
 from ..vocab_parallel import fused_linear_logprobs, fused_linear_lsm_loss, logprobs_at, topk_lsm_loss_parallel
 from .batch import MicroBatch
@@ -37,10 +42,18 @@ class LossConfig:
     vocab_size: Optional[int] = None  # the real vocabulary when the model's is padded for TP
     # the output layer fused with the loss: the logits [b, s, V/tp] and their gradient are never held
     fused_head: bool = True
+    # LSM "tail": S_t = top-K(q) plus the sampled token y_t when it is not among them (K + 1 entries).
+    tail: bool = False
+    # Train only on this fraction of the mini-batch's valid positions with the highest student entropy
+    # (losses.top_entropy_mask over all micro-batches and DP/CP ranks; the loss is normalized by the kept count and
+    # the gates stay normalized over all valid positions). 1.0: every position.
+    top_entropy_fraction: float = 1.0
 
     def __post_init__(self):
         if self.kind not in LOSSES:
             raise ValueError(f"LossConfig.kind must be one of {LOSSES}, got {self.kind!r}")
+        if not 0.0 < self.top_entropy_fraction <= 1.0:
+            raise ValueError(f"loss.top_entropy_fraction must be in (0, 1], got {self.top_entropy_fraction}")
         self.clip_eps = tuple(self.clip_eps)
         if self.kind == "sft" and self.gate.granularity != "none":
             raise ValueError(f"the sft loss takes no gate (gate.granularity must be 'none', got "
@@ -63,9 +76,11 @@ def _logprobs(head: Union[torch.Tensor, HiddenStates], labels, tp_group, config:
     return logprobs_at(head, labels, tp_group, **kw)
 
 
-def _lsm_loss(head: Union[torch.Tensor, HiddenStates], batch: MicroBatch, tp_group, config: LossConfig, **kw):
-    args = (batch.teacher_topk_ids, batch.teacher_topk_logprobs, batch.loss_mask, tp_group)
-    kw.update(vocab_size=config.vocab_size, log_ratio_clip=config.log_ratio_clip)
+def _lsm_loss(head: Union[torch.Tensor, HiddenStates], batch: MicroBatch, mask, tp_group, config: LossConfig, **kw):
+    """LSM on the support of ``lsm_support`` (with the tail when configured), from logits or hidden states."""
+    ids, teacher, support_mask = lsm_support(batch, config.tail)
+    args = (ids, teacher, mask, tp_group)
+    kw.update(vocab_size=config.vocab_size, log_ratio_clip=config.log_ratio_clip, support_mask=support_mask)
     if isinstance(head, HiddenStates):
         return fused_linear_lsm_loss(head.hidden, head.weight, *args, **kw)
     return topk_lsm_loss_parallel(head, *args, **kw)
@@ -85,23 +100,60 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
     cur = _logprobs(logits, batch.labels, tp_group, config)
     gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
                                            config.gate, reduce=group_sum(cp_group), normalizer=normalizer)
+    mask = batch.loss_mask if batch.train_mask is None else batch.train_mask
     if config.kind in ("sampled_token", "sft"):
         if config.kind == "sft":
-            loss, metrics = gated_mean(-cur, batch.loss_mask, None, num_tokens), {}
+            loss, metrics = gated_mean(-cur, mask, None, num_tokens), {}
         elif batch.teacher_logprobs is None:
             raise ValueError("the sampled_token loss needs MicroBatch.teacher_logprobs")
         else:
-            loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, batch.loss_mask,
-                                                   gates, config.clip_eps, config.adv_clip, num_tokens=num_tokens)
+            loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, mask, gates,
+                                                   config.clip_eps, config.adv_clip, num_tokens=num_tokens)
         if batch.teacher_topk_ids is not None:  # logged: how far the student is from the teacher on its support
             with torch.no_grad():
-                metrics["support_kl"] = _lsm_loss(logits, batch, tp_group, config)[1]["support_kl"]
+                metrics["support_kl"] = _lsm_loss(logits, batch, mask, tp_group, config)[1]["support_kl"]
     else:
-        if batch.teacher_topk_ids is None or batch.teacher_topk_logprobs is None:
-            raise ValueError("the topk_lsm loss needs MicroBatch.teacher_topk_ids and teacher_topk_logprobs")
         # Both sides of the support at temperature 1: the teacher's prefill log-probs are, and LSM matches the
         # renormalized distributions (``temperature`` only rescales the sampled-token log-probs).
-        loss, metrics = _lsm_loss(logits, batch, tp_group, config, gates=gates, num_tokens=num_tokens)
+        loss, metrics = _lsm_loss(logits, batch, mask, tp_group, config, gates=gates, num_tokens=num_tokens)
     metrics.update({k: v for k, v in gate_stats.items() if v.dim() == 0})
     metrics.update(normalizer_terms=gate_stats["normalizer_terms"], gates=gates)
     return loss, metrics
+
+
+def lsm_support(batch: MicroBatch, tail: bool):
+    """The LSM support: (ids, teacher log-probs, support_mask) ``[b, s, K]`` with ``support_mask`` None, or with
+    ``tail`` ``[b, s, K + 1]``: the sampled token y_t (the label) and lp_teach_t appended, masked out where y_t is
+    already among the top-K (so that no id counts twice)."""
+    if batch.teacher_topk_ids is None or batch.teacher_topk_logprobs is None:
+        raise ValueError("the LSM support needs MicroBatch.teacher_topk_ids and teacher_topk_logprobs")
+    ids, teacher = batch.teacher_topk_ids, batch.teacher_topk_logprobs
+    if not tail:
+        return ids, teacher, None
+    if batch.teacher_logprobs is None:
+        raise ValueError("loss.tail needs the teacher's log-probs of the sampled tokens (MicroBatch.teacher_logprobs)")
+    labels = batch.labels.unsqueeze(-1)
+    outside = ~(ids == labels).any(-1, keepdim=True)
+    support_mask = torch.cat([torch.ones_like(ids, dtype=torch.bool), outside], -1)
+    sampled = batch.teacher_logprobs.unsqueeze(-1).to(teacher.dtype)
+    return torch.cat([ids, labels], -1), torch.cat([teacher, sampled], -1), support_mask
+
+
+def top_entropy_filter(batches: List[MicroBatch], entropies: List[torch.Tensor], fraction: float, group=None):
+    """The top-entropy position filter over a whole mini-batch: ``losses.top_entropy_mask`` of the entropies
+    ``[b, s]`` of every valid position of ``batches`` on every rank of ``group`` (DP x CP), so that the kept set is
+    the same under every layout. Returns (batches with ``train_mask`` set, kept count: the loss's ``num_tokens``)."""
+    import torch.distributed as dist
+
+    local = torch.cat([h[b.loss_mask].detach().float().cpu() for h, b in zip(entropies, batches)]) if batches \
+        else torch.zeros(0)
+    parts = [local]
+    if group is not None and dist.get_world_size(group) > 1:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, local, group=group)
+    every = torch.cat(parts)
+    kept = top_entropy_mask(every, torch.ones_like(every, dtype=torch.bool), fraction)
+    cutoff = every[kept].min() if kept.any() else torch.tensor(float("inf"))
+    filtered = [dataclasses.replace(b, train_mask=b.loss_mask & (h.detach().float() >= cutoff.to(h.device)))
+                for h, b in zip(entropies, batches)]
+    return filtered, kept.sum()

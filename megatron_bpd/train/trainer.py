@@ -2,16 +2,16 @@
 
     prompts -> rollouts (n per prompt, SGLang protocol) -> teacher scores -> old log-probs
     -> for each reuse epoch and mini-batch: forward_backward_func with the gated loss -> optimizer step
-    -> push the weights to the rollout servers -> metrics (and a checkpoint every N steps).
+    -> hand the weights to the rollout producer -> metrics (and a checkpoint every N steps).
 
-Rank 0 talks to the servers and broadcasts each rollout to every rank; every rank builds the same micro-batches
-and takes its data-parallel share. The loss runs on the last pipeline stage from vocab-parallel logits.
+The rollouts come from a producer (``rollout.producer``, through ``RolloutFeed``) that samples step s with the
+weights of step max(s - k, first) (k = ``rollout.max_staleness``; 0: the synchronous loop) while the trainer trains;
+rank 0 receives each rollout and broadcasts it; every rank builds the same micro-batches and takes its
+data-parallel share. The loss runs on the last pipeline stage from vocab-parallel logits.
 """
 
-import asyncio
 import dataclasses
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -22,21 +22,23 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from .. import parallel
-from ..rollout.client import ClientConfig, SGLangClient
+from ..rollout.client import SGLangClient
+from ..rollout.producer import load_rollouts
 from ..rollout.protocol import SamplingParams
 from ..rollout.rollout import RolloutConfig, generate_rollout
 from ..rollout.teacher import SGLangTeacher
 from ..rollout.types import TeacherScores
-from ..rollout.weight_sync import DiskWeightSync
-from ..vocab_parallel import logprobs_at, topk, topk_lsm_loss_parallel
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..vocab_parallel import entropy, logprobs_at, topk, topk_lsm_loss_parallel
+from .checkpoint import ROLLOUTS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PromptDataset
 from .evaluation import evaluate_policy, flat_eval_metrics, solve_rate_by_difficulty
 from .forward_step import make_forward_step
+from .loss import top_entropy_filter
 from .layout import check_layout
 from .metrics import MetricSums, MetricsLog
 from .rollout_data import RolloutData, micro_batch, newline_token_ids, padded_length, response_slices
+from .rollout_feed import RolloutFeed, servers_from_config
 from .scoring import forward_only, gather_cp
 from .setup import lr_scheduler, wrap_for_training, zero_grads
 
@@ -91,16 +93,17 @@ class Trainer:
         self.newline_ids = newline_token_ids(self.tokenizer) if c.loss.gate.granularity == "span" else []
         self.mask_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in c.rollout.mask_special_tokens]
         self.checker = answer_checker(c.data.answer_checker)
-        self.step, self.weight_version = 0, 0
+        self.step, self.preloaded = 0, []
         resume = latest_checkpoint(c.checkpoint.dir) if c.checkpoint.resume else None
         if resume is not None:
             state = load_checkpoint(resume, self.ddp, self.optimizer)
-            self.step, self.weight_version = state["step"] + 1, state["weight_version"]
+            self.step = state["step"] + 1
             self.dataset.load_state(state["data"])
+            self.preloaded = load_rollouts(resume / ROLLOUTS_FILE) if self.main else []
         updates_per_step = c.reuse.epochs * c.reuse.minibatches
         self.scheduler = lr_scheduler(self.optimizer, c.optimizer, c.steps * updates_per_step,
                                       self.step * updates_per_step)
-        self.servers = ServerSet(c, self.out) if self.main else None
+        self.servers = servers_from_config(c, self.out) if self.main else None
         if self.main:
             print(f"[megatron-bpd] config:\n{c.describe()}" + (f"[megatron-bpd] resumed from {resume}\n" if resume
                                                                else ""), flush=True)
@@ -115,8 +118,11 @@ class Trainer:
     def run(self) -> None:
         c = self.config
         log = MetricsLog(self.out, c.steps, self.step) if self.main else None
+        self.feed = RolloutFeed(c, self.dataset, self.servers, self._rollout, self.out / "weights", self.step,
+                                self.preloaded)
+        self.preloaded = []
         try:
-            self._sync_weights()  # the servers start from the initial weights; a resumed run pushes its own
+            self._sync_weights(self.step)  # the servers start from the initial weights; a resumed run pushes its own
             if c.eval.every and self.step == 0:
                 self.evaluate(0, with_teacher=True)
             while self.step < c.steps:
@@ -129,25 +135,25 @@ class Trainer:
                 every = c.checkpoint.every
                 if c.checkpoint.dir and ((every and (self.step + 1) % every == 0) or self.step + 1 == c.steps):
                     save_checkpoint(c.checkpoint.dir, self.step, self.ddp, self.optimizer,
-                                    {"data": self.dataset.state(), "weight_version": self.weight_version})
+                                    {"data": self.feed.data_state(self.step + 1), "weight_version": self.step + 1},
+                                    rollouts=self.feed.pending(self.step + 1) if self.main else None)
                 self.step += 1
         finally:
             if log is not None:
                 log.close()
-            if self.servers is not None:
-                self.servers.stop()
+            try:
+                self.feed.close(self.step)
+            finally:
+                if self.servers is not None:
+                    self.servers.stop()
 
     def train_step(self) -> dict:
         c, timings = self.config, {}
-        clock = time.perf_counter()
-        prompts = self.dataset.next_batch(c.rollout.prompts_per_step)
-        payload = [None]
-        if self.main:
-            payload = [self.servers.call(lambda client, teacher: self._rollout(client, teacher, prompts))]
-        dist.broadcast_object_list(payload, src=0)
-        trajectories, teacher_scores = payload[0]
-        data = RolloutData(trajectories, teacher_scores)
-        timings["time_rollout"] = time.perf_counter() - clock
+        clock = started = time.perf_counter()
+        prompts, rollout = self.feed.next(self.step)
+        trajectories = rollout.trajectories
+        data = RolloutData(trajectories, rollout.teacher)
+        timings["time_wait_rollout"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         sums = MetricSums()
@@ -167,28 +173,32 @@ class Trainer:
         timings["time_train"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        self._sync_weights()
+        self._sync_weights(self.step + 1)
         timings["time_weight_sync"] = time.perf_counter() - clock
 
         record = {"step": self.step, **sums.reduce(UPDATE_METRICS + ROLLOUT_METRICS)}
         if "frac_gate_below_half" in record:
             record["gate_frac_below_half"] = record.pop("frac_gate_below_half")
         if self.main:
-            record.update(self._rollout_stats(prompts, trajectories))
+            record.update(self._rollout_stats(prompts, trajectories), **rollout.stats)
+            if c.rollout.policy == "student":  # teacher samples (the control) have no student weight version
+                record.update(staleness(trajectories.weight_version, self.step, c.rollout.max_staleness))
             train_tokens = sum(sum(m) for m in trajectories.loss_mask)
             record["tokens_per_s"] = train_tokens * c.reuse.epochs / max(timings["time_train"], 1e-9)
-        record.update(timings)
+        record.update(timings, time_step=time.perf_counter() - started)
         return record
 
     # ------------------------------------------------------------------ phases
 
-    async def _rollout(self, client: SGLangClient, teacher_client: Optional[SGLangClient], prompts):
+    async def _rollout(self, client: SGLangClient, teacher_client: Optional[SGLangClient], step: int, prompts):
+        """Step ``step``'s trajectories (n samples of each prompt, seeded by the step) and the served teacher's
+        scores (runs in the rollout producer's thread)."""
         c = self.config.rollout
         config = RolloutConfig(
             n_samples=c.samples_per_prompt,
             sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                                     max_new_tokens=c.max_new_tokens, stop_token_ids=list(c.stop_token_ids) or None),
-            seed=self.config.seed * 1000003 + self.step * 10007, mask_token_ids=self.mask_ids)
+            seed=self.config.seed * 1000003 + step * 10007, mask_token_ids=self.mask_ids)
         sampler = teacher_client if self.config.rollout.policy == "teacher" else client
         trajectories = await generate_rollout(sampler, [p.token_ids for p in prompts], config)
         scores = None
@@ -272,9 +282,7 @@ class Trainer:
         if data.teacher is None and ps.is_pipeline_last_stage():
             raise ValueError("no teacher scores: teacher.source must be 'sglang' or 'megatron'")
         mine, batches, seq_len = self._micro_batches(data, rows, with_old=ps.is_pipeline_last_stage())
-        num_tokens = data.num_tokens(rows)
-        normalizer = self._global_normalizer(batches, num_tokens, seq_len) \
-            if self.loss_config.gate.scope == "global" else None
+        normalizer, batches, num_tokens = self._pre_pass(batches, data.num_tokens(rows), seq_len)
         zero_grads(self.ddp, self.optimizer)
         forward_step = make_forward_step(self.loss_config, num_tokens, len(batches), normalizer)
         outputs = get_forward_backward_func()(
@@ -293,46 +301,62 @@ class Trainer:
             sums.add("grad_norm", float(grad_norm or 0.0), 1.0 / ps.get_data_parallel_world_size())
             sums.add("lr", float(lr), 1.0 / ps.get_data_parallel_world_size())
             for out, batch in zip(outputs, batches):
+                trained = batch.loss_mask if batch.train_mask is None else batch.train_mask
                 for key in UPDATE_METRICS[1:-1]:
                     if key in out:
-                        sums.add(key, out[key].item(), float(batch.loss_mask.sum()))
+                        sums.add(key, out[key].item(), float(trained.sum()))
         # The update's loss is the sum over micro-batches, DP and CP ranks; with weight 1/(DP*CP) per rank the mean
         # over updates of these sums comes out of the weighted mean.
         shares = ps.get_data_parallel_world_size() * ps.get_context_parallel_world_size()
         sums.add("loss", loss * shares, 1.0 / shares)
 
-    def _global_normalizer(self, batches, num_tokens, seq_len) -> torch.Tensor:
-        """Gate normalizer terms of the whole mini-batch (scope "global"): one no-grad forward of every micro-batch,
-        summed over micro-batches and DP ranks."""
+    def _pre_pass(self, batches, num_tokens, seq_len):
+        """What the loss needs of the whole mini-batch before the backward pass, from one no-grad forward of every
+        micro-batch: the gate normalizer terms (scope "global", summed over micro-batches and DP ranks) and the
+        top-entropy filter (``loss.top_entropy_fraction`` < 1). Returns (normalizer or None, batches, num_tokens)."""
         from ..gating import gates_for_segments
         from ..parallel.context_parallel import group_sum
 
+        config = self.loss_config
+        terms_wanted, entropy_wanted = config.gate.scope == "global", config.top_entropy_fraction < 1
+        if not (terms_wanted or entropy_wanted):
+            return None, batches, num_tokens
         tp_group, cp_group = ps.get_tensor_model_parallel_group(), ps.get_context_parallel_group()
-        raw = dataclasses.replace(self.loss_config.gate, normalize=False)
+        raw = dataclasses.replace(config.gate, normalize=False)
 
         def fn(logits, batch):
-            cur = logprobs_at(logits, batch.labels, tp_group, self.loss_config.temperature, self.vocab_size)
-            _, stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan, raw,
-                                          reduce=group_sum(cp_group))
-            return {"terms": stats["normalizer_terms"]}
+            out = {}
+            if terms_wanted:
+                cur = logprobs_at(logits, batch.labels, tp_group, config.temperature, self.vocab_size)
+                _, stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
+                                              raw, reduce=group_sum(cp_group))
+                out["terms"] = stats["normalizer_terms"]
+            if entropy_wanted:
+                out["entropy"] = entropy(logits, tp_group, config.temperature, self.vocab_size)
+            return out
 
-        terms = torch.zeros(2, dtype=torch.float64, device=parallel.compute_device())
-        for out in forward_only(self.ddp, batches, fn, seq_len):
-            terms += out["terms"]
-        dist.all_reduce(terms, group=ps.get_data_parallel_group())
-        return terms
+        outputs = forward_only(self.ddp, batches, fn, seq_len)
+        normalizer = None
+        if terms_wanted:
+            normalizer = torch.zeros(2, dtype=torch.float64, device=parallel.compute_device())
+            for out in outputs:
+                normalizer += out["terms"]
+            dist.all_reduce(normalizer, group=ps.get_data_parallel_group())
+        if entropy_wanted and ps.is_pipeline_last_stage():
+            batches, num_tokens = top_entropy_filter(batches, [o["entropy"] for o in outputs],
+                                                     config.top_entropy_fraction,
+                                                     ps.get_data_parallel_group(with_context_parallel=True))
+        return normalizer, batches, num_tokens
 
-    def _sync_weights(self) -> None:
-        """Gather the full weights (a collective over each model-parallel group) and push them to the servers."""
+    def _sync_weights(self, version: int) -> None:
+        """Gather the full weights (a collective over each model-parallel group) and hand a CPU copy to the rollout
+        producer as ``version`` (the weights of step ``version``)."""
         from ..models.qwen3 import iter_hf_weights
 
         weights = [(name, tensor.detach().cpu().clone()) if self.main else None
                    for name, tensor in iter_hf_weights(self.model)]
-        self.weight_version += 1
         if self.main:
-            version = str(self.weight_version)
-            self.servers.call(lambda client, _: self.servers.weight_sync(client).update(weights, version),
-                              teacher=False)
+            self.feed.push(version, weights)
 
     # ------------------------------------------------------------------ held-out evaluation
 
@@ -340,9 +364,9 @@ class Trainer:
         """Held-out greedy accuracy / pass@1 of the current weights (on the servers) and the support-KL probe (see
         ``evaluation``) after ``done`` training steps; appended to ``evals.jsonl``; returns the flat scalars."""
         result, probe = None, [None]
-        if self.main:
-            result, probe[0] = self.servers.call(lambda client, teacher: self._evaluate_async(client, teacher,
-                                                                                             with_teacher))
+        if self.main:  # on servers holding the trainer's current weights (version ``done``)
+            result, probe[0] = self.feed.call(done, lambda client, teacher: self._evaluate_async(client, teacher,
+                                                                                                with_teacher))
         dist.broadcast_object_list(probe, src=0)
         support_kl = self._probe_support_kl(*probe[0]) if probe[0] is not None else None
         if not self.main:
@@ -431,75 +455,11 @@ def answer_checker(name: str):
     raise ValueError(f"data.answer_checker must be 'math', 'arithmetic' or 'none', got {name!r}")
 
 
-class ServerSet:
-    """Rank 0's view of the student rollout servers and the teacher servers (started here when "embedded")."""
-
-    def __init__(self, config: TrainConfig, out: Path):
-        self.config, self.out = config, out
-        self.embedded = []
-        self.student_urls = self._urls("student", config.rollout.servers, config.model.student,
-                                       config.rollout.embedded_servers)
-        self.teacher_urls = None
-        if config.teacher.source == "sglang":
-            self.teacher_urls = self._urls("teacher", config.teacher.servers, config.teacher.model, 1)
-        self.weights_dir = out / "weights"
-
-    def _start(self, model, name: str):
-        from ..serve.launch import EmbeddedServer
-
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        return EmbeddedServer(model, log_path=self.out / "logs" / f"{name}.log", env=env).start()
-
-    def _urls(self, role: str, servers: List[str], model: str, count: int) -> List[str]:
-        if list(servers) != ["embedded"]:
-            return list(servers)
-        started = [self._start(model, f"{role}-{i}") for i in range(count)]
-        self.embedded += started
-        return [s.url for s in started]
-
-    def _client(self, urls) -> SGLangClient:
-        r = self.config.rollout
-        return SGLangClient(ClientConfig(urls=urls, max_concurrency=r.max_concurrency,
-                                         request_timeout_s=r.request_timeout_s))
-
-    def weight_sync(self, client: SGLangClient) -> DiskWeightSync:
-        return DiskWeightSync(client, self.weights_dir, self.config.model.student)
-
-    def call(self, fn, teacher: bool = True):
-        """``fn(student_client, teacher_client_or_None)`` in a fresh event loop; an embedded server that died is
-        restarted (with the newest exported weights) and the call is retried once."""
-        async def run():
-            async with self._client(self.student_urls) as student:
-                if teacher and self.teacher_urls is not None:
-                    async with self._client(self.teacher_urls) as teacher_client:
-                        return await fn(student, teacher_client)
-                return await fn(student, None)
-
-        try:
-            return asyncio.run(run())
-        except Exception:
-            if not self._restart_dead():
-                raise
-            return asyncio.run(run())
-
-    def _restart_dead(self) -> bool:
-        """Restart embedded servers whose process ended; True if any was restarted."""
-        restarted = False
-        for i, server in enumerate(self.embedded):
-            if server.proc is not None and server.proc.poll() is not None:
-                model = server.model
-                newest = sorted(self.weights_dir.glob("*"), key=lambda p: int(p.name)) if self.weights_dir.exists() \
-                    and server.url in self.student_urls else []
-                if newest:
-                    model = newest[-1]
-                replacement = self._start(model, f"restarted-{i}-{time.time():.0f}")
-                for urls in (self.student_urls, self.teacher_urls or []):
-                    if server.url in urls:
-                        urls[urls.index(server.url)] = replacement.url
-                self.embedded[i] = replacement
-                restarted = True
-        return restarted
-
-    def stop(self) -> None:
-        for server in self.embedded:
-            server.stop()
+def staleness(versions, step: int, max_staleness: int) -> dict:
+    """staleness_mean / staleness_max of a step's trajectories: step - the weight version that sampled each one.
+    More than ``max_staleness`` is a bug of the producer, never trained on."""
+    ages = [step - int(v) for v in versions]
+    if ages and max(ages) > max_staleness:
+        raise RuntimeError(f"step {step}: a trajectory of weight version {step - max(ages)} is older than "
+                           f"rollout.max_staleness={max_staleness}")
+    return {"staleness_mean": sum(ages) / max(len(ages), 1), "staleness_max": max(ages, default=0)}
