@@ -2,8 +2,8 @@
 
 1. Takes the shipped tiny Qwen3 teacher that solves column addition step by step and the student to distill
    (``megatron_bpd/data/task_models``; ``--prepare`` makes them anew with ``megatron_bpd.tasks``).
-2. Trains the student with on-policy distillation (sampled-token OPD by default, ``--loss topk_lsm`` for
-   Teacher-TopK/LSM) at TP=2 over gloo (``torchrun`` of ``megatron_bpd.train``), with the project's
+2. Trains the student with on-policy distillation (Teacher-TopK/LSM with a Block-16 drift gate by default,
+   ``--loss sampled_token`` for sampled-token OPD) at TP=2 over gloo (``torchrun`` of ``megatron_bpd.train``), with the project's
    SGLang-protocol servers for rollouts and teacher scores.
 3. The trainer evaluates the student on held-out problems before training, every ``--eval-every`` steps and at the
    end (greedy accuracy and pass@1 at T=1 through the rollout server, by difficulty), the teacher once, and the
@@ -34,7 +34,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TaskRun("", "", "", "", "")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--loss", choices=("sampled_token", "topk_lsm"), default="sampled_token")
+    parser.add_argument("--loss", choices=("sampled_token", "topk_lsm"), default="topk_lsm",
+                        help="topk_lsm (Teacher-TopK/LSM, the default: it lifts the student on this task); "
+                             "sampled_token does not here (docs/results/opd_regime.md)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=16,

@@ -79,7 +79,12 @@ class TaskRun:
 def launch(run: TaskRun, follow: Optional[Callable[[dict], None]] = None) -> dict:
     """Train ``run`` under torchrun (``run.tp`` local processes over gloo) into a clean ``run.out`` and return
     ``read_run``'s result with the wall time. ``follow(record)`` is called for each finished step."""
-    out = Path(run.out)
+    return launch_config(run.config(), follow)
+
+
+def launch_config(config: dict, follow: Optional[Callable[[dict], None]] = None) -> dict:
+    """``launch`` for any trainer config (a dict with ``out`` and ``parallel.tp``)."""
+    out = Path(config["out"])
     for stale in ("metrics.jsonl", "evals.jsonl", "tensorboard", "weights", "logs", "run.json"):
         path = out / stale
         if path.is_dir():
@@ -88,10 +93,11 @@ def launch(run: TaskRun, follow: Optional[Callable[[dict], None]] = None) -> dic
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(run.config(), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(run.tp),
+    nproc = config.get("parallel", {}).get("tp", 1) * config.get("parallel", {}).get("pp", 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "megatron_bpd.train", "--config", str(config_path)]
     started = time.perf_counter()
     with open(out / "train.log", "w") as log:
@@ -109,7 +115,7 @@ def launch(run: TaskRun, follow: Optional[Callable[[dict], None]] = None) -> dic
                            + "\n".join((out / "train.log").read_text(errors="replace").splitlines()[-30:]))
     result = read_run(out)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "run.json").write_text(json.dumps({"seconds": result["seconds"], "config": run.config()}, indent=1))
+    (out / "run.json").write_text(json.dumps({"seconds": result["seconds"], "config": config}, indent=1))
     return result
 
 

@@ -74,8 +74,9 @@ def test_dataset_determinism_and_held_out(tmp_path):
     assert not {(p.a, p.b) for p in held} & {(p.a, p.b) for p in a}
     path = write_prompts_jsonl(tmp_path / "x.jsonl", a[:5])
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [set(r) for r in rows] == [{"prompt", "answer", "digits"}] * 5
-    assert rows[0] == {"prompt": a[0].prompt_text, "answer": a[0].answer, "digits": a[0].digits}
+    assert [set(r) for r in rows] == [{"prompt", "answer", "digits", "difficulty"}] * 5
+    assert rows[0] == {"prompt": a[0].prompt_text, "answer": a[0].answer, "digits": a[0].digits,
+                       "difficulty": a[0].digits}
     assert read_problems_jsonl(path) == a[:5]
 
 

@@ -403,3 +403,29 @@ def test_demo_setup_on_gpu_in_bf16_with_the_distributed_optimizer(tmp_path, reco
         assert r["rollout_train_mismatch"] < BF16_MISMATCH_TOL, r
         assert abs(r["gate_mean"] - 1.0) < 1e-3, r
     assert max(r["drift_abs_mean"] for r in records) > BF16_MISMATCH_TOL, "updates too small to test weight sync"
+
+
+def test_held_out_evaluation_is_the_same_at_tp1_and_tp2(tiny, tmp_path):
+    """The trainer's evaluation (greedy / pass@k through the servers, the support-KL probe through Megatron) of the
+    same weights gives the same numbers whatever the layout; evals.jsonl has the base model, each eval step and the
+    teacher once."""
+    runs = {}
+    for tp in (1, 2):
+        out = tmp_path / f"tp{tp}"
+        config = write_config(tiny, out, steps=2, parallel={"tp": tp},
+                              data={"prompts": str(tiny / "prompts.jsonl"), "answer_checker": "math"},
+                              eval={"every": 1, "prompts": str(tiny / "prompts.jsonl"), "limit": 4, "samples": 2,
+                                    "probe_prompts": 2, "probe_samples": 2})
+        torchrun(config, tp)
+        runs[tp] = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    for evals in runs.values():
+        assert [e["step"] for e in evals] == [0, 1, 2]
+        assert "teacher" in evals[0] and all("teacher" not in e for e in evals[1:])
+        assert evals[0]["student"]["n"] == 4 and {"greedy", "pass1", "pass2"} <= set(evals[0]["student"])
+    for a, b in zip(runs[1], runs[2]):
+        assert b["support_kl"] == pytest.approx(a["support_kl"], rel=1e-5)
+        assert b["student"]["greedy"] == a["student"]["greedy"] and b["student"]["pass1"] == a["student"]["pass1"]
+    with pytest.raises(ValueError, match="answer_checker"):
+        load_config(write_config(tiny, tmp_path / "no-checker", eval={"every": 1, "prompts": "x.jsonl"}))
+    with pytest.raises(ValueError, match="needs eval.prompts"):
+        load_config(None, ["eval.every=5"])

@@ -87,8 +87,6 @@ class Trainer:
         self.dataset = self._prompts(c.data.prompts, c.data.shuffle)
         self.eval_prompts = []
         if c.eval.every:
-            if not c.eval.prompts:
-                raise ValueError("eval.every > 0 needs eval.prompts (a held-out prompts JSONL with answers)")
             self.eval_prompts = self._prompts(c.eval.prompts, False).prompts[:c.eval.limit or None]
         self.newline_ids = newline_token_ids(self.tokenizer) if c.loss.gate.granularity == "span" else []
         self.mask_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in c.rollout.mask_special_tokens]
@@ -410,8 +408,9 @@ class Trainer:
             return {"kl": metrics["support_kl"], "n": batch.loss_mask.sum()}
 
         sums = MetricSums()
-        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
-            for out in forward_only(self.ddp, batches, fn, seq_len):
+        outputs = forward_only(self.ddp, batches, fn, seq_len)  # every rank: TP/PP collectives inside
+        if ps.get_tensor_model_parallel_rank() == 0:  # each (DP, CP) share of the positions counted once
+            for out in outputs:
                 sums.add("probe_support_kl", out["kl"].item(), out["n"].item())
         return sums.reduce(["probe_support_kl"]).get("probe_support_kl", float("nan"))
 
