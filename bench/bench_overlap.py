@@ -4,7 +4,9 @@ loop), 1 and 2 on the CPU demo setup (the shipped task models and ``demo.demo_co
 Every k runs the same configuration (old log-probs from the rollout, so that k = 0 does no extra pass) for
 ``--steps`` steps; steps/s is measured over the steps after ``--warmup`` from each step's wall time
 (``time_step``), next to where the time went: the trainer waiting for rollouts, the producer waiting for the
-trainer, generation + teacher scoring, and the optimizer steps.
+trainer, generation + teacher scoring, and the optimizer steps. "hidden" is the share of generation time the
+trainer did not wait for, 1 - time_wait_rollout / time_generate (0 for the synchronous loop): what overlapping buys
+when the servers run on their own devices; on shared cores the two sides slow each other down instead.
 
     OMP_NUM_THREADS=1 python bench/bench_overlap.py --steps 6 --tp 1 [--write BENCHMARKS.md]
 """
@@ -43,11 +45,12 @@ def run(k: int, root: Path, prompts: Path, args) -> dict:
 
 def table(results: list) -> str:
     base = results[0]["steps_per_s"]
-    lines = ["| k | steps/s | vs k=0 | staleness max | " + " | ".join(f"{c} (s)" for c in COLUMNS) + " |",
-             "|---" * (4 + len(COLUMNS)) + "|"]
+    lines = ["| k | steps/s | vs k=0 | staleness max | hidden | " + " | ".join(f"{c} (s)" for c in COLUMNS) + " |",
+             "|---" * (5 + len(COLUMNS)) + "|"]
     for r in results:
+        hidden = max(0.0, 1 - r["time_wait_rollout"] / r["time_generate"])
         lines.append(f"| {r['k']} | {r['steps_per_s']:.4f} | {r['steps_per_s'] / base:.2f} | {r['staleness_max']} | "
-                     + " | ".join(f"{r[c]:.2f}" for c in COLUMNS) + " |")
+                     f"{hidden:.2f} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS) + " |")
     return "\n".join(lines)
 
 

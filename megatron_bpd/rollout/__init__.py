@@ -1,4 +1,5 @@
-"""Rollout layer: SGLang client, rollouts, teacher scoring, weight sync and the reuse buffer."""
+"""Rollout layer: SGLang client, rollouts, teacher scoring, weight sync, the reuse buffer, the servers of a run
+(``servers``) and the overlapped rollout producer (``producer``)."""
 
 from megatron_bpd.rollout.client import ClientConfig, ServerError, SGLangClient
 from megatron_bpd.rollout.protocol import GenerateOutput, GenerateRequest, ProtocolError, SamplingParams
