@@ -1,5 +1,6 @@
 """Steps/s of the distillation loop with overlapped rollouts: ``rollout.max_staleness`` k = 0 (the synchronous
-loop), 1 and 2 on the CPU demo setup (the shipped task models and ``demo.demo_config``), side by side in one run.
+loop), 1 and 2 on the CPU demo setup (the shipped task models and ``experiment.TaskRun``'s batch), side by side in
+one run.
 
 Every k runs the same configuration (old log-probs from the rollout, so that k = 0 does no extra pass) for
 ``--steps`` steps; steps/s is measured over the steps after ``--warmup`` from each step's wall time
@@ -18,25 +19,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_bpd.demo import SHIPPED_MODELS, demo_config, train  # noqa: E402
-from megatron_bpd.train.metrics import read_metrics  # noqa: E402
+from megatron_bpd.experiment import SHIPPED_MODELS, TaskRun, launch_config  # noqa: E402
 
 COLUMNS = ("time_step", "time_wait_rollout", "time_wait_train", "time_generate", "time_train")
 
 
 def run(k: int, root: Path, prompts: Path, args) -> dict:
-    out = root / f"k{k}"
-    config = demo_config(out, str(SHIPPED_MODELS / "student"), str(SHIPPED_MODELS / "teacher"), str(prompts), args)
+    gate = {"granularity": "block", "block_size": args.block_size}
+    config = TaskRun(str(root / f"k{k}"), str(SHIPPED_MODELS / "student"), str(SHIPPED_MODELS / "teacher"),
+                     str(prompts), "", gate=gate, steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp,
+                     eval_every=0).config()
     config["rollout"]["max_staleness"] = k
     config["reuse"]["old_logprobs"] = "rollout"
-    out.mkdir(parents=True)
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    train(path, args.tp, out / "train.log")
-    steady = read_metrics(out / "metrics.jsonl")[args.warmup:]
+    steady = launch_config(config)["metrics"][args.warmup:]
     result = {"k": k, "steps_per_s": len(steady) / sum(r["time_step"] for r in steady),
               "staleness_max": max(r["staleness_max"] for r in steady)}
     result.update({key: sum(r[key] for r in steady) / len(steady) for key in COLUMNS})
