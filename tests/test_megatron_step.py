@@ -119,7 +119,7 @@ def references(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def layout_results(tiny_model_dir):
-    return run_distributed(_train_one_step, 4, tiny_model_dir)
+    return run_distributed(_train_one_step, 4, tiny_model_dir, timeout=1200)
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=["DP4", "TP2xDP2", "PP2xDP2", "TP2xPP2"])
