@@ -147,8 +147,6 @@ class TrainConfig:
                 raise ValueError("eval.every > 0 needs eval.prompts (a held-out prompts JSONL with answers)")
             if self.data.answer_checker == "none":
                 raise ValueError("eval.every > 0 needs data.answer_checker ('math' or 'arithmetic') to score answers")
-
-    def __post_init__(self):
         if self.rollout.max_staleness > 0 and self.reuse.old_logprobs != "rollout":
             raise ValueError(f"rollout.max_staleness={self.rollout.max_staleness} needs reuse.old_logprobs='rollout': "
                              f"'recompute' would take the current weights, not the older ones that sampled, as the "
