@@ -30,5 +30,7 @@ def test_a_pickled_rng_file_is_refused(tmp_path):
     """The old format (NumPy arrays inside a pickle) is not loaded: weights_only refuses arbitrary objects."""
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                tmp_path / "old.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    # weights_only refuses the NumPy objects, unless a library (megatron's dist-checkpointing) has allowlisted them
+    # in this process: then the format check names the old file
+    with pytest.raises((pickle.UnpicklingError, ValueError)):
         load_rng(tmp_path / "old.pt")

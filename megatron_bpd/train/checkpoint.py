@@ -88,6 +88,8 @@ def load_rng(file: Path) -> None:
     """Restore what ``save_rng`` wrote; the file is read with ``weights_only=True`` (never unpickles code)."""
     rng = torch.load(file, weights_only=True)
     py, npy = rng["python"], rng["numpy"]
+    if not (isinstance(py, dict) and isinstance(npy, dict)):  # readable when a library allowlisted NumPy types
+        raise ValueError(f"{file}: RNG state in the old pickled format (tuples / NumPy arrays), not save_rng's")
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached_gaussian"]))
