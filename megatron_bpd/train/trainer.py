@@ -194,15 +194,19 @@ class Trainer:
         c = self.config.rollout
         config = RolloutConfig(
             n_samples=c.samples_per_prompt,
-            sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                    max_new_tokens=c.max_new_tokens, stop_token_ids=list(c.stop_token_ids) or None),
-            seed=self.config.seed * 1000003 + step * 10007, mask_token_ids=self.mask_ids)
+            sampling=self._sampling(), seed=self.config.seed * 1000003 + step * 10007, mask_token_ids=self.mask_ids)
         sampler = teacher_client if self.config.rollout.policy == "teacher" else client
         trajectories = await generate_rollout(sampler, [p.token_ids for p in prompts], config)
         scores = None
         if teacher_client is not None:
             scores = await SGLangTeacher(teacher_client, self.config.teacher.top_k).score(trajectories)
         return trajectories, scores
+
+    def _sampling(self) -> SamplingParams:
+        """The rollout's sampling settings (training rollouts and the support-KL probe sample alike)."""
+        c = self.config.rollout
+        return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
+                              stop_token_ids=list(c.stop_token_ids) or None)
 
     def _micro_batches(self, data: RolloutData, rows: List[int], with_old: bool = True):
         """(this DP rank's CP-split micro-batches of ``rows`` on the compute device, padded length)."""
@@ -390,8 +394,7 @@ class Trainer:
         if c.eval.probe_prompts and teacher_client is not None:
             prompts = [p.token_ids for p in self.eval_prompts[:c.eval.probe_prompts]]
             config = RolloutConfig(n_samples=c.eval.probe_samples, seed=c.eval.seed + 7919, mask_token_ids=self.mask_ids,
-                                   sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                                           max_new_tokens=r.max_new_tokens))
+                                   sampling=self._sampling())
             trajectories = await generate_rollout(client, prompts, config)
             probe = (trajectories, await SGLangTeacher(teacher_client, c.teacher.top_k).score(trajectories))
         return result, probe
