@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from megatron_bpd.experiment import SHIPPED_MODELS, TaskRun, launch, read_run  # noqa: E402
+from megatron_bpd.experiment import SHIPPED_MODELS, TaskRun, launch, mean_std, paired, read_run, task_prompts  # noqa: E402
 
 VARIANTS = {
     "sampled_token": ("sampled-token OPD", {"loss": "sampled_token"}),
@@ -40,16 +40,10 @@ def log(msg: str) -> None:
 
 
 def base_run(out: Path, args) -> TaskRun:
-    from megatron_bpd.tasks.arithmetic import write_prompts_jsonl
-    from megatron_bpd.tasks.sft import PrepConfig, datasets
-
-    train, test = datasets(PrepConfig())
-    data = out / "data"
+    prompts, eval_prompts = task_prompts(out / "data", args.eval_problems)
     return TaskRun(out="", student=str(SHIPPED_MODELS / "student"), teacher=str(SHIPPED_MODELS / "teacher"),
-                   prompts=str(write_prompts_jsonl(data / "train.jsonl", train[:2000])),
-                   eval_prompts=str(write_prompts_jsonl(data / "held_out.jsonl", test[:args.eval_problems])),
-                   steps=args.steps, lr=args.lr, tp=args.tp, eval_every=args.eval_every,
-                   eval_limit=args.eval_problems, eval_samples=args.eval_samples)
+                   prompts=prompts, eval_prompts=eval_prompts, steps=args.steps, lr=args.lr, tp=args.tp,
+                   eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples)
 
 
 def run_all(out: Path, args) -> dict:
@@ -65,12 +59,6 @@ def run_all(out: Path, args) -> dict:
                     f"{result['evals'][-1]['student']['greedy']:.3f} in {result['seconds']:.0f} s")
             runs[(variant, seed)] = read_run(run_dir)
     return runs
-
-
-def mean_std(values) -> dict:
-    values = [v for v in values if v is not None]
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 def summarize(runs: dict, args) -> dict:
@@ -95,11 +83,10 @@ def summarize(runs: dict, args) -> dict:
     return {"runs": rows, "table": table}
 
 
-def paired(summary: dict, a: str, b: str, key: str) -> dict | None:
+def paired_variants(summary: dict, a: str, b: str, key: str) -> dict | None:
     """Per-seed differences ``a - b`` of ``key`` (same seed: same prompts order and evaluation problems)."""
-    by_seed = {(r["variant"], r["seed"]): r[key] for r in summary["runs"]}
-    diffs = [by_seed[(a, s)] - by_seed[(b, s)] for (v, s) in by_seed if v == a and (b, s) in by_seed]
-    return mean_std(diffs) | {"diffs": diffs} if diffs else None
+    by_variant = lambda v: {r["seed"]: r[key] for r in summary["runs"] if r["variant"] == v}  # noqa: E731
+    return paired(by_variant(a), by_variant(b))
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -152,7 +139,7 @@ def report(summary: dict, args, command: str) -> str:
     for variant in args.variants:
         if variant != "sft_control" and "sft_control" in args.variants:
             for key in ("greedy", "pass1"):
-                p = paired(summary, variant, "sft_control", key)
+                p = paired_variants(summary, variant, "sft_control", key)
                 if p:
                     comparisons.append(f"- {VARIANTS[variant][0]} - control, {key}: {p['mean']:+.3f} ± {p['std']:.3f} "
                                        f"(per seed: {', '.join(f'{d:+.3f}' for d in p['diffs'])})")

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from .experiment import SHIPPED_MODELS, TaskRun, launch
+from .experiment import SHIPPED_MODELS, TaskRun, launch, task_prompts
 
 
 def _print_step(record: dict) -> None:
@@ -51,8 +51,7 @@ def main(argv=None):
                              "using the shipped ones")
     args = parser.parse_args(argv)
 
-    from .tasks.arithmetic import write_prompts_jsonl
-    from .tasks.sft import PrepConfig, datasets, prepare_teacher_and_student
+    from .tasks.sft import PrepConfig, prepare_teacher_and_student
     from .train.metrics import plot_evals, plot_metrics
 
     started = time.perf_counter()
@@ -65,11 +64,8 @@ def main(argv=None):
         models = {role: summary[role]["path"] for role in ("teacher", "student")}
     else:
         models = {role: str(SHIPPED_MODELS / role) for role in ("teacher", "student")}
-    train_set, test_set = datasets(prep)
     gate = {"granularity": "block", "block_size": args.block_size} if args.block_size else {"granularity": "none"}
-    run = TaskRun(str(out), models["student"], models["teacher"],
-                  str(write_prompts_jsonl(out / "prompts.jsonl", train_set[:2000])),
-                  str(write_prompts_jsonl(out / "held_out.jsonl", test_set[:args.eval_problems])),
+    run = TaskRun(str(out), models["student"], models["teacher"], *task_prompts(out, args.eval_problems, args.seed),
                   loss=args.loss, gate=gate, steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp,
                   eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples)
     print(f"[demo] {run.loss} OPD of {models['student']} from {models['teacher']}, {run.steps} steps at TP={run.tp} "

@@ -1,8 +1,8 @@
 """One run-and-evaluate path for the experiments on the synthetic addition task: the CPU demo, the OPD regime study
 (``bench/opd_regime.py``) and the gate sweeps describe a run with ``TaskRun``, launch the trainer under torchrun
 with ``launch`` and read back its per-step metrics and held-out evaluations (``train/evaluation.py``) with
-``read_run``. Every number they report comes from the trainer's own evaluation, so a study and the demo measure
-the same way.
+``read_run``; ``mean_std`` and ``paired`` summarize seeds. Every number they report comes from the trainer's own
+evaluation, so a study and the demo measure the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -51,22 +52,27 @@ class TaskRun:
     eval_every: int = 5
     eval_limit: int = 100
     eval_samples: int = 2
+    staleness: int = 0  # rollouts sampled k weight versions behind (rollout.max_staleness; behavior log-probs)
+    gate_trace: int = 0  # trajectories per step whose per-position drift and gates go to gate_trace.jsonl
 
     def config(self) -> dict:
         """The trainer config (``python -m megatron_bpd.train --config``) of this run."""
         control = self.loss == "sft"
         return {
-            "out": self.out, "steps": self.steps, "seed": self.seed,
+            "out": self.out, "steps": self.steps, "seed": self.seed, "gate_trace": self.gate_trace,
             "model": {"student": self.student},
             "parallel": {"tp": self.tp},
             "data": {"prompts": self.prompts, "answer_checker": "arithmetic", "apply_chat_template": True},
             "rollout": {"policy": "teacher" if control else "student", "prompts_per_step": self.prompts_per_step,
                         "samples_per_prompt": self.samples_per_prompt, "temperature": 1.0, "top_p": 0.9,
-                        "max_new_tokens": self.max_new_tokens, "max_concurrency": 64},
+                        "max_new_tokens": self.max_new_tokens, "max_concurrency": 64,
+                        "max_staleness": self.staleness},
             "teacher": {"source": "sglang", "model": self.teacher, "top_k": self.top_k},
             "loss": {"kind": self.loss, "gate": {"granularity": "none"} if control else dict(self.gate)},
             "reuse": {"epochs": self.epochs, "minibatches": self.minibatches,
-                      "micro_batch_size": self.micro_batch_size},
+                      "micro_batch_size": self.micro_batch_size,
+                      # the policy that sampled is the behavior policy: under staleness it is older than the weights
+                      "old_logprobs": "rollout" if self.staleness else "recompute"},
             "optimizer": {"optimizer": "adam", "lr": self.lr, "clip_grad": 1.0},
             "eval": {"every": self.eval_every, "prompts": self.eval_prompts, "limit": self.eval_limit,
                      "samples": self.eval_samples},
@@ -74,6 +80,19 @@ class TaskRun:
 
     def replace(self, **changes) -> "TaskRun":
         return dataclasses.replace(self, **changes)
+
+
+def task_prompts(data_dir, eval_problems: int, seed: int = 0) -> tuple:
+    """The addition task's prompt files under ``data_dir``: (training prompts: the first 2000 training problems,
+    held-out prompts: the first ``eval_problems`` test problems) of ``tasks.sft.PrepConfig(seed)``, the split the
+    shipped models were trained on."""
+    from .tasks.arithmetic import write_prompts_jsonl
+    from .tasks.sft import PrepConfig, datasets
+
+    train, test = datasets(PrepConfig(seed=seed))
+    data_dir = Path(data_dir)
+    return (str(write_prompts_jsonl(data_dir / "prompts.jsonl", train[:2000])),
+            str(write_prompts_jsonl(data_dir / "held_out.jsonl", test[:eval_problems])))
 
 
 def launch(run: TaskRun, follow: Optional[Callable[[dict], None]] = None) -> dict:
@@ -85,7 +104,7 @@ def launch(run: TaskRun, follow: Optional[Callable[[dict], None]] = None) -> dic
 def launch_config(config: dict, follow: Optional[Callable[[dict], None]] = None) -> dict:
     """``launch`` for any trainer config (a dict with ``out`` and ``parallel.tp``)."""
     out = Path(config["out"])
-    for stale in ("metrics.jsonl", "evals.jsonl", "tensorboard", "weights", "logs", "run.json"):
+    for stale in ("metrics.jsonl", "evals.jsonl", "gate_trace.jsonl", "tensorboard", "weights", "logs", "run.json"):
         path = out / stale
         if path.is_dir():
             shutil.rmtree(path)
@@ -131,3 +150,22 @@ def _jsonl(path: Path) -> list:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mean_std(values) -> dict:
+    """``{"mean", "std" (sample std; 0 for one value), "n"}`` of the values that are not None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def paired(a: dict, b: dict) -> Optional[dict]:
+    """Per-seed differences a[seed] - b[seed] over the seeds both have (same seed: same prompt order, rollout seeds
+    and held-out problems): ``mean_std`` plus ``diffs`` and ``seeds``; None without a common seed."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    return {**mean_std(diffs), "diffs": diffs, "seeds": seeds}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -101,8 +102,17 @@ def torchrun(config, nproc, *overrides):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
+def reference_block_gates(drift, block, tau=1.0):
+    """method.md's gates of one sequence (scope = one trajectory), in float64: D_s = mean drift of block s,
+    g_s = exp(-tau |D_s|), normalized to mean 1 over the positions."""
+    drift = np.asarray(drift, dtype=np.float64)
+    raw = np.concatenate([np.full(len(drift[i:i + block]), np.exp(-tau * abs(drift[i:i + block].mean())))
+                          for i in range(0, len(drift), block)])
+    return raw / raw.mean()
+
+
 def test_resume_and_data_parallelism_give_the_losses_of_one_uninterrupted_process(tiny, tmp_path):
-    whole = write_config(tiny, tmp_path / "whole", steps=4)
+    whole = write_config(tiny, tmp_path / "whole", steps=4, gate_trace=3)
     run_distributed(_run_trainer, 1, str(whole), 4, False)
     torchrun(whole, 2, f"out={tmp_path / 'dp2'}")  # DP=2: each rank trains on half of every mini-batch
     split = write_config(tiny, tmp_path / "split", checkpoint={"dir": str(tmp_path / "ckpt"), "every": 1})
@@ -115,6 +125,24 @@ def test_resume_and_data_parallelism_give_the_losses_of_one_uninterrupted_proces
         for a, b in zip(expected, got):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-8), (other, a["step"])
             assert b["drift_abs_mean"] == pytest.approx(a["drift_abs_mean"], rel=1e-5, abs=1e-8), (other, a["step"])
+
+    # The gate trace: the same under DP=2 as in one process, and method.md's gates of the traced drift (micro-batch
+    # size 1: the normalization scope is one trajectory; every response token is a loss position here).
+    trace = [json.loads(line) for line in (tmp_path / "whole" / "gate_trace.jsonl").read_text().splitlines()]
+    trace_dp2 = [json.loads(line) for line in (tmp_path / "dp2" / "gate_trace.jsonl").read_text().splitlines()]
+    key = lambda r: (r["step"], r["epoch"], r["minibatch"], r["trajectory"])  # noqa: E731
+    assert sorted(map(key, trace)) == sorted(map(key, trace_dp2))
+    assert {r["trajectory"] for r in trace} == {0, 1, 2} and {r["step"] for r in trace} == {0, 1, 2, 3}
+    dp2 = {key(r): r for r in trace_dp2}
+    for r in trace:
+        assert len(r["drift"]) == len(r["gate"]) > 0
+        np.testing.assert_allclose(dp2[key(r)]["drift"], r["drift"], atol=2e-5)
+        np.testing.assert_allclose(dp2[key(r)]["gate"], r["gate"], atol=2e-5)
+        np.testing.assert_allclose(r["gate"], reference_block_gates(r["drift"], 4), atol=1e-4)
+    first = [r for r in trace if r["epoch"] == 0 and r["minibatch"] == 0]
+    later = [r for r in trace if r["epoch"] == 1]
+    assert first and all(max(map(abs, r["drift"])) < 1e-4 for r in first)  # fresh rollout: pi_theta == pi_old
+    assert later and max(max(map(abs, r["drift"])) for r in later) > 1e-3  # reuse: the student has moved
 
 
 def test_a_crashed_rollout_server_is_restarted_and_the_run_goes_on(tiny, tmp_path):

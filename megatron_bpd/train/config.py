@@ -130,6 +130,9 @@ class TrainConfig:
     out: str = "runs/train"
     steps: int = 200
     seed: int = 1234
+    # What the gate sees: per-position drift and gates of the first N trajectories of every step, at every update,
+    # written to gate_trace.jsonl (0: off).
+    gate_trace: int = 0
     model: ModelSettings = field(default_factory=ModelSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -142,6 +145,8 @@ class TrainConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self):
+        if self.gate_trace < 0:
+            raise ValueError(f"gate_trace must be >= 0 (trajectories traced per step), got {self.gate_trace}")
         if self.eval.every:
             if not self.eval.prompts:
                 raise ValueError("eval.every > 0 needs eval.prompts (a held-out prompts JSONL with answers)")

@@ -95,7 +95,8 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
     of the whole optimizer-step batch: all micro-batches, DP and CP ranks), so that the losses of all micro-batches
     and ranks add up to the loss of the whole batch. ``normalizer``: the summed gate normalizer terms for the
     gate scope "global". ``metrics`` holds the loss's and the gate's 0-d summaries, the gate's
-    ``normalizer_terms`` and the per-position ``gates`` of this rank's positions.
+    ``normalizer_terms`` and the per-position ``gates`` and ``drift`` (lp_cur - lp_old, 0 where masked) ``[b, s]`` of
+    this rank's positions.
     """
     cur = _logprobs(logits, batch.labels, tp_group, config)
     gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
@@ -117,7 +118,8 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
         # renormalized distributions (``temperature`` only rescales the sampled-token log-probs).
         loss, metrics = _lsm_loss(logits, batch, mask, tp_group, config, gates=gates, num_tokens=num_tokens)
     metrics.update({k: v for k, v in gate_stats.items() if v.dim() == 0})
-    metrics.update(normalizer_terms=gate_stats["normalizer_terms"], gates=gates)
+    metrics.update(normalizer_terms=gate_stats["normalizer_terms"], gates=gates,
+                   drift=torch.where(batch.loss_mask, cur.detach() - batch.old_logprobs, 0.0))
     return loss, metrics
 
 

@@ -162,12 +162,12 @@ class Trainer:
 
         clock = time.perf_counter()
         order_rng = random.Random(c.seed * 100003 + self.step)
-        for _ in range(c.reuse.epochs):
+        for epoch in range(c.reuse.epochs):
             order = list(range(len(trajectories)))
             order_rng.shuffle(order)
             size = len(order) // c.reuse.minibatches
             for m in range(c.reuse.minibatches):
-                self._update(data, sorted(order[m * size:(m + 1) * size]), sums)
+                self._update(data, sorted(order[m * size:(m + 1) * size]), sums, (epoch, m))
         timings["time_train"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -232,18 +232,46 @@ class Trainer:
         rows = list(range(len(data.trajectories)))
         mine, batches, seq_len = self._micro_batches(data, rows, with_old=False)
         outputs = forward_only(model, batches, fn, seq_len)
-        size = self.config.reuse.micro_batch_size
-        scores = {}
-        for i, out in enumerate(outputs):
-            chunk = mine[i * size:(i + 1) * size]
-            for key, value in out.items():
-                for b, piece in zip(chunk, response_slices(data, chunk, gather_cp(value, seq_len))):
-                    scores.setdefault(b, {})[key] = piece.cpu()
         if not ps.is_pipeline_last_stage():
             return {}
         parts = [None] * ps.get_data_parallel_world_size()
-        dist.all_gather_object(parts, scores, group=ps.get_data_parallel_group())
+        dist.all_gather_object(parts, self._per_trajectory(data, mine, outputs, seq_len),
+                               group=ps.get_data_parallel_group())
         return {b: s for part in parts for b, s in part.items()}
+
+    def _per_trajectory(self, data: RolloutData, mine: List[int], outputs: List[dict], seq_len: int,
+                        keys=None, wanted=lambda b: True) -> Dict[int, Dict[str, torch.Tensor]]:
+        """This DP rank's per-micro-batch outputs ``[b, s/cp, ...]`` (the ``keys`` of them, default all) cut into
+        per-trajectory response arrays (CPU) of the trajectories ``wanted``: {trajectory: {key: [T_b, ...]}}.
+        Every CP rank of the last stage calls it (the CP shares are gathered)."""
+        size = self.config.reuse.micro_batch_size
+        result = {}
+        for i, out in enumerate(outputs):
+            chunk = mine[i * size:(i + 1) * size]
+            for key in (keys or out.keys()):
+                for b, piece in zip(chunk, response_slices(data, chunk, gather_cp(out[key], seq_len))):
+                    if wanted(b):
+                        result.setdefault(b, {})[key] = piece.cpu()
+        return result
+
+    def _trace_gates(self, data: RolloutData, mine: List[int], outputs: List[dict], seq_len: int, update) -> None:
+        """Append the per-position drift and gates of this update's trajectories among the step's first
+        ``gate_trace`` to ``gate_trace.jsonl`` (collective over all ranks; rank 0 writes)."""
+        local = {}
+        if ps.is_pipeline_last_stage():
+            local = self._per_trajectory(data, mine, outputs, seq_len, ("drift", "gates"),
+                                         lambda b: b < self.config.gate_trace)
+            if ps.get_tensor_model_parallel_rank() != 0 or ps.get_context_parallel_rank() != 0:
+                local = {}
+        parts = [None] * dist.get_world_size() if self.main else None
+        dist.gather_object(local, parts, dst=0)
+        if not self.main:
+            return
+        rounded = lambda t: [round(v, 5) + 0.0 for v in t.tolist()]  # noqa: E731 (+ 0.0: no -0.0)
+        with open(self.out / "gate_trace.jsonl", "a") as f:
+            for b, values in sorted((b, v) for part in parts for b, v in part.items()):
+                f.write(json.dumps({"step": self.step, "epoch": update[0], "minibatch": update[1], "trajectory": b,
+                                    "drift": rounded(values["drift"]), "gate": rounded(values["gates"])}) + "\n")
 
     def _old_logprobs(self, data: RolloutData, sums: MetricSums) -> None:
         behavior = {b: torch.tensor(lp) for b, lp in enumerate(data.trajectories.behavior_logprobs)}
@@ -277,8 +305,9 @@ class Trainer:
         return TeacherScores([scores[b]["lp"] for b in range(n)], [scores[b]["ids"] for b in range(n)],
                              [scores[b]["top"] for b in range(n)])
 
-    def _update(self, data: RolloutData, rows: List[int], sums: MetricSums) -> None:
-        """One optimizer step on the trajectories ``rows`` (a mini-batch of the reuse schedule)."""
+    def _update(self, data: RolloutData, rows: List[int], sums: MetricSums, update=(0, 0)) -> None:
+        """One optimizer step on the trajectories ``rows``, mini-batch ``update`` = (epoch, index) of the reuse
+        schedule."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if data.teacher is None and ps.is_pipeline_last_stage():
@@ -296,6 +325,8 @@ class Trainer:
         if not update_ok:
             raise FloatingPointError(f"step {self.step}: the optimizer skipped the update (non-finite gradients)")
         self.scheduler.step(1)
+        if self.config.gate_trace:
+            self._trace_gates(data, mine, outputs, seq_len, update)
         if not ps.is_pipeline_last_stage() or ps.get_tensor_model_parallel_rank() != 0:
             return
         loss = sum(o["loss"].item() for o in outputs)

@@ -1,0 +1,386 @@
+"""Evidence for the gate where it can matter (issue 11): the paper's six variants, rollout reuse, staleness, block
+size and tau, on the regime where on-policy distillation lifts the student (docs/results/opd_regime.md).
+
+    python bench/gate_robustness.py --out docs/results/gate_robustness [--sweeps variants reuse ...] [--seeds 0 1 2]
+    python bench/gate_robustness.py --quick --out /tmp/gate_quick      # smoke test (< 3 min), never into docs/
+
+A run is the trainer (``experiment.launch``: torchrun, embedded SGLang-protocol servers) with the shipped teacher
+and student on the addition task; every number is the trainer's own held-out evaluation (greedy accuracy, pass@1
+and pass@8 at T=1 / top-p 0.9) and its per-step gate statistics. Each run also traces the per-position drift and
+gates of 4 trajectories per step (``gate_trace``), which the report draws as a heatmap and as drift by block index.
+
+A sweep is a list of configurations (``SWEEPS``); a configuration shared by several sweeps runs once. Runs are
+cached by folder (``OUT/runs/<config>/seed<k>/run.json``), so an interrupted or extended sweep continues where it
+stopped. Writes ``OUT/results.json`` (one row per run: variant, loss, granularity, block_size, reuse_epochs,
+minibatches, lr, tau, staleness, seed, greedy, pass1, pass8, drift_abs_mean, gate_min, gate_std, ...),
+``OUT/report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from megatron_bpd.experiment import SHIPPED_MODELS, TaskRun, launch, mean_std, paired, read_run, task_prompts  # noqa
+
+BLOCK = 16  # tokens: the task's responses are ~40-80 tokens (one ~12-token line per digit column + answer lines)
+SPAN = {"span_min_len": 4, "span_max_len": 64, "span_fallback_block": BLOCK}
+TRACED = 4  # trajectories per step whose per-position drift and gates are logged
+LOSS_LABELS = {"sampled_token": "sampled-token OPD", "topk_lsm": "Teacher-TopK/LSM", "sft": "control: SFT on teacher"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of a sweep: the loss, the gate (``gate``: "none", "token", "block<B>", "sequence",
+    "newline"), tau, the reuse schedule (epochs x minibatches optimizer updates per rollout batch), lr, staleness."""
+
+    loss: str = "sampled_token"
+    gate: str = "none"
+    tau: float = 1.0
+    epochs: int = 1
+    minibatches: int = 2
+    lr: float = 3e-4
+    staleness: int = 0
+
+    @property
+    def name(self) -> str:
+        return (f"{self.loss}-{self.gate}-tau{self.tau:g}-e{self.epochs}m{self.minibatches}-lr{self.lr:g}"
+                f"-k{self.staleness}")
+
+    @property
+    def label(self) -> str:
+        gate = {"none": "", "newline": " + NewlineSpan"}.get(self.gate, f" + {self.gate.capitalize()}")
+        return LOSS_LABELS[self.loss] + gate
+
+    def gate_section(self) -> dict:
+        """The trainer's ``loss.gate`` section."""
+        if self.gate == "newline":
+            return {"granularity": "span", "tau": self.tau, **SPAN}
+        if self.gate.startswith("block"):
+            return {"granularity": "block", "block_size": int(self.gate[5:]), "tau": self.tau}
+        return {"granularity": self.gate, "tau": self.tau}
+
+    def granularity(self) -> tuple:
+        """(granularity, block size or None) as in results.json."""
+        section = self.gate_section()
+        return section["granularity"], section.get("block_size")
+
+    @property
+    def updates(self) -> int:
+        return self.epochs * self.minibatches
+
+
+BASE = Config()
+HEAVY = replace(BASE, epochs=2, minibatches=4)  # 8 updates per rollout batch: where drift has room to grow
+SWEEPS = {
+    "variants": [replace(BASE, loss=loss, gate=gate) for loss in ("sampled_token", "topk_lsm")
+                 for gate in ("none", f"block{BLOCK}", "newline")] + [replace(BASE, loss="sft")],
+    "reuse": [replace(BASE, gate=gate, epochs=e, minibatches=m, lr=lr) for gate in ("none", f"block{BLOCK}")
+              for e, m, lr in ((1, 1, 3e-4), (1, 2, 3e-4), (2, 2, 3e-4), (2, 4, 3e-4), (2, 4, 1e-4), (2, 4, 1e-3))],
+    "staleness": [replace(BASE, gate=gate, staleness=k) for gate in ("none", f"block{BLOCK}") for k in (0, 1, 2, 4)],
+    "block": [replace(HEAVY, gate=gate) for gate in ("none", "token", "block4", "block8", "block16", "block32",
+                                                     "block64", "sequence", "newline")],
+    "tau": [replace(HEAVY, gate=f"block{BLOCK}", tau=tau) for tau in (0.5, 1.0, 2.0, 4.0)],
+}
+QUICK = [replace(BASE, gate=f"block{BLOCK}", staleness=1), replace(BASE, loss="topk_lsm", gate="newline")]
+
+
+def log(msg: str) -> None:
+    print(f"[gate-robustness {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def task_run(config: Config, args, run_dir: Path, seed: int) -> TaskRun:
+    prompts, eval_prompts = task_prompts(args.out / "data", args.eval_problems)
+    return TaskRun(out=str(run_dir), student=str(SHIPPED_MODELS / "student"), teacher=str(SHIPPED_MODELS / "teacher"),
+                   prompts=prompts, eval_prompts=eval_prompts, loss=config.loss,
+                   gate={"granularity": "none"} if config.loss == "sft" else config.gate_section(),
+                   steps=args.steps, seed=seed, lr=config.lr, epochs=config.epochs, minibatches=config.minibatches,
+                   staleness=config.staleness, eval_every=args.eval_every, eval_limit=args.eval_problems,
+                   eval_samples=args.eval_samples, gate_trace=TRACED)
+
+
+def run_all(configs, args) -> tuple:
+    """({(config, seed): read_run(...)} of the finished runs, [names of the missing ones]). Trains the missing runs
+    (seed by seed, so that a partial sweep has paired seeds) unless ``--report-only``; ``--worker K/N`` trains only
+    every N-th of them, starting at K, so that N processes can share one sweep."""
+    worker, workers = map(int, args.worker.split("/"))
+    runs, missing = {}, []
+    todo = [(config, seed) for seed in args.seeds for config in configs]
+    for i, (config, seed) in enumerate(todo):
+        run_dir = args.out / "runs" / config.name / f"seed{seed}"
+        if not (run_dir / "run.json").exists() and not args.report_only and i % workers == worker:
+            log(f"[{i + 1}/{len(todo)}] {config.label} ({config.name}) seed {seed}")
+            result = launch(task_run(config, args, run_dir, seed))
+            first, last = result["evals"][0]["student"], result["evals"][-1]["student"]
+            log(f"    greedy {first['greedy']:.3f} -> {last['greedy']:.3f}, pass@1 {first['pass1']:.3f} -> "
+                f"{last['pass1']:.3f} in {result['seconds']:.0f} s")
+        if (run_dir / "run.json").exists():
+            runs[(config, seed)] = read_run(run_dir) | {"dir": run_dir}
+        else:
+            missing.append(f"{config.name}/seed{seed}")
+    return runs, missing
+
+
+def row(config: Config, seed: int, run: dict, samples: int) -> dict:
+    """The results.json row of one run: final held-out numbers and the gate statistics over all steps."""
+    before, after = run["evals"][0], run["evals"][-1]
+    metrics = run["metrics"]
+    series = lambda key: [m[key] for m in metrics if key in m]  # noqa: E731
+    granularity, block = config.granularity()
+    return {
+        "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,
+        "block_size": block, "tau": config.tau, "reuse_epochs": config.epochs, "minibatches": config.minibatches,
+        "updates": config.updates, "lr": config.lr, "staleness": config.staleness, "seed": seed,
+        "greedy": after["student"]["greedy"], "pass1": after["student"]["pass1"],
+        f"pass{samples}": after["student"].get(f"pass{samples}"),
+        "greedy_before": before["student"]["greedy"], "pass1_before": before["student"]["pass1"],
+        f"pass{samples}_before": before["student"].get(f"pass{samples}"),
+        "teacher": before.get("teacher"), "support_kl": after.get("support_kl"),
+        "drift_abs_mean": float(np.mean(series("drift_abs_mean"))),
+        "drift_abs_max_step": float(np.max(series("drift_abs_mean"))),
+        "gate_min": float(np.min(series("gate_min"))), "gate_std": float(np.mean(series("gate_std"))),
+        "curve": [{"step": e["step"], "greedy": e["student"]["greedy"], "pass1": e["student"]["pass1"]}
+                  for e in run["evals"]],
+        "seconds": run["seconds"],
+    }
+
+
+def summarize(runs: dict, sweeps: dict, samples: int) -> dict:
+    rows = [row(config, seed, run, samples) for (config, seed), run in runs.items()]
+    table = {}
+    for config in {c for configs in sweeps.values() for c in configs}:
+        mine = [r for r in rows if r["config"] == config.name]
+        table[config.name] = {key: mean_std([r[key] for r in mine]) for key in
+                              ("greedy", "pass1", f"pass{samples}", "drift_abs_mean", "gate_min", "gate_std")}
+    return {"runs": rows, "table": table}
+
+
+def per_seed(rows, config: Config, key: str) -> dict:
+    return {r["seed"]: r[key] for r in rows if r["config"] == config.name}
+
+
+def ungated(config: Config) -> Config:
+    return replace(config, gate="none", tau=1.0)
+
+
+def sweep_table(name: str, configs, summary: dict, samples: int) -> str:
+    """Mean ± std per configuration, and for gated ones the paired per-seed difference to the same configuration
+    without a gate."""
+    t, rows = summary["table"], summary["runs"]
+    head = (f"| configuration | updates/rollout | lr | k | seeds | greedy | pass@1 | pass@{samples} | |drift| | "
+            f"gate min | gate std | gate - no gate: pass@1 (per seed) |\n|" + "---|" * 12)
+    lines = [head]
+    fmt = lambda s: "-" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
+    for c in configs:
+        row_t = t[c.name]
+        diff = "-"
+        if c.gate != "none" and c.loss != "sft":
+            p = paired(per_seed(rows, c, "pass1"), per_seed(rows, ungated(c), "pass1"))
+            if p:
+                diff = f"{p['mean']:+.3f} ± {p['std']:.3f} ({', '.join(f'{d:+.2f}' for d in p['diffs'])})"
+        tau = f", tau {c.tau:g}" if name == "tau" else ""
+        lines.append(f"| {c.label}{tau} | {c.epochs} x {c.minibatches} | {c.lr:g} | {c.staleness} | "
+                     f"{row_t['greedy']['n']} | {fmt(row_t['greedy'])} | {fmt(row_t['pass1'])} | "
+                     f"{fmt(row_t[f'pass{samples}'])} | {fmt(row_t['drift_abs_mean'])} | {fmt(row_t['gate_min'])} | "
+                     f"{fmt(row_t['gate_std'])} | {diff} |")
+    return "\n".join(lines)
+
+
+def read_trace(run_dir: Path) -> list:
+    path = Path(run_dir) / "gate_trace.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def last_update(trace: list) -> list:
+    """The records of each step's last update (most drift: the furthest from the behavior policy)."""
+    last = {}
+    for r in trace:
+        last[r["step"]] = max(last.get(r["step"], (0, 0)), (r["epoch"], r["minibatch"]))
+    return [r for r in trace if (r["epoch"], r["minibatch"]) == last[r["step"]]]
+
+
+def drift_by_block(trace: list, block: int = BLOCK) -> np.ndarray:
+    """Mean |block-mean drift| by block index along the response (B = ``block``), over the traced trajectories of
+    each step's last update: ``[blocks]``."""
+    sums, counts = {}, {}
+    for r in last_update(trace):
+        drift = np.asarray(r["drift"])
+        for i in range(0, len(drift), block):
+            sums[i // block] = sums.get(i // block, 0.0) + abs(drift[i:i + block].mean())
+            counts[i // block] = counts.get(i // block, 0) + 1
+    return np.array([sums[i] / counts[i] for i in sorted(sums)])
+
+
+def plot_trace(run_dir: Path, title: str, path: Path) -> None:
+    """Heatmaps (response position x step) of |drift| and of the gates at each step's last update (mean over the
+    traced trajectories)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trace = last_update(read_trace(run_dir))
+    steps = sorted({r["step"] for r in trace})
+    width = max(len(r["drift"]) for r in trace)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    for ax, key, cmap in ((axes[0], "drift", "magma"), (axes[1], "gate", "viridis")):
+        grid = np.full((len(steps), width), np.nan)
+        for i, step in enumerate(steps):
+            mine = [np.abs(r[key]) if key == "drift" else np.asarray(r[key]) for r in trace if r["step"] == step]
+            padded = np.full((len(mine), width), np.nan)
+            for j, values in enumerate(mine):
+                padded[j, :len(values)] = values
+            with warnings.catch_warnings():  # positions past every traced response stay NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                grid[i] = np.nanmean(padded, axis=0)
+        image = ax.imshow(grid, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest")
+        ax.set(xlabel="response position", ylabel="step", title=("|drift|" if key == "drift" else "gate") +
+               f" at each step's last update ({TRACED} trajectories)")
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path) -> list:
+    """sweeps.png (pass@1 per configuration of each sweep, seeds as dots) and drift_by_block.png; returns names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["runs"]
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.2 * len(sweeps), 4.2), squeeze=False)
+    for ax, (name, configs) in zip(axes[0], sweeps.items()):
+        for x, c in enumerate(configs):
+            values = list(per_seed(rows, c, "pass1").values())
+            ax.scatter([x] * len(values), values, s=14, color="gray")
+            if values:
+                ax.errorbar(x, np.mean(values), yerr=np.std(values, ddof=1) if len(values) > 1 else 0, fmt="o",
+                            color="C0" if c.gate == "none" else "C1", capsize=3)
+        ax.axhline(rows[0]["pass1_before"], color="gray", linestyle=":", label="base student")
+        labels = [f"{c.gate}\n{c.epochs}x{c.minibatches} lr{c.lr:g}\nk{c.staleness} tau{c.tau:g}" for c in configs]
+        ax.set_xticks(range(len(configs)), labels, fontsize=6)
+        ax.set(title=f"{name}: held-out pass@1", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "sweeps.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    reuse = {c for name in ("reuse", "variants", "block") for c in sweeps.get(name, []) if c.gate == "none"
+             and c.loss == "sampled_token"}
+    for c in sorted(reuse, key=lambda c: (c.updates, c.lr)):
+        curves = [drift_by_block(read_trace(runs[(c, s)]["dir"])) for (cc, s) in runs if cc == c]
+        curves = [v for v in curves if len(v)]
+        if curves:
+            n = min(map(len, curves))
+            ax.plot(range(n), np.mean([v[:n] for v in curves], axis=0), marker="o",
+                    label=f"{c.epochs} x {c.minibatches} updates, lr {c.lr:g}")
+    ax.set(xlabel=f"block index along the response (B = {BLOCK})", ylabel="mean |block drift| (nats/token)",
+           title="drift by position in the response (sampled-token OPD, no gate)")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "drift_by_block.png", dpi=110)
+    plt.close(fig)
+    return ["sweeps.png", "drift_by_block.png"]
+
+
+def missing_note(summary: dict) -> str:
+    missing = summary["meta"]["missing_runs"]
+    if not missing:
+        return "Every run of these sweeps finished."
+    return (f"**Not yet run ({len(missing)}):** " + ", ".join(f"`{m}`" for m in missing)
+            + ". The tables above show the finished runs only; `--seeds` counts are per row.")
+
+
+def report(summary: dict, runs: dict, sweeps: dict, args, command: str, samples: int) -> str:
+    rows = summary["runs"]
+    first = rows[0]
+    teacher = first["teacher"] or {}
+    sections = "\n\n".join(f"### {name}\n\n{sweep_table(name, configs, summary, samples)}"
+                           for name, configs in sweeps.items())
+    return f"""# Gate robustness sweeps: results
+
+Made by:
+
+    {command}
+
+**Machine:** {platform.machine()} CPU, OMP_NUM_THREADS=1, Python {platform.python_version()}. **Each run:**
+{args.steps} steps x 64 prompts x 1 sample on the shipped teacher/student pair, Adam; held-out evaluation of
+{args.eval_problems} problems at steps 0, {args.eval_every}, ... (greedy; pass@1 and pass@{samples} from
+{samples} samples at T=1 / top-p 0.9). Mean ± std over seeds; the paired column is, per seed, the gated run minus
+the same configuration without a gate (the same seed: the same prompts and rollout seeds at step 0).
+
+Base student: greedy {first['greedy_before']:.3f}, pass@1 {first['pass1_before']:.3f},
+pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: greedy
+{teacher.get('greedy', float('nan')):.3f}, pass@1 {teacher.get('pass1', float('nan')):.3f}.
+
+{sections}
+
+{missing_note(summary)}
+
+![sweeps](sweeps.png)
+
+![drift by block](drift_by_block.png)
+
+![gate trace](gate_trace.png)
+"""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sweeps", nargs="+", choices=list(SWEEPS), default=list(SWEEPS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=TaskRun.steps)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-problems", type=int, default=TaskRun.eval_limit)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="2 configurations, 1 seed, 2 steps, 8 problems")
+    parser.add_argument("--worker", default="0/1", help="K/N: train only every N-th missing run, from the K-th")
+    parser.add_argument("--report-only", action="store_true", help="report the finished runs, train nothing")
+    args = parser.parse_args(argv)
+    sweeps = {name: SWEEPS[name] for name in args.sweeps}
+    if args.quick:
+        if (ROOT / "docs") in args.out.resolve().parents or args.out.resolve() == ROOT / "docs":
+            parser.error("--quick never writes into docs/: give a scratch --out")
+        args.steps, args.seeds, args.eval_every, args.eval_problems, args.eval_samples = 2, [0], 1, 8, 2
+        sweeps = {"quick": QUICK}
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python bench/gate_robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    configs = list(dict.fromkeys(c for cs in sweeps.values() for c in cs))
+    runs, missing = run_all(configs, args)
+    if not runs:
+        parser.error("no finished run to report")
+    summary = summarize(runs, sweeps, args.eval_samples)
+    summary["meta"] = {"command": command, "steps": args.steps, "seeds": args.seeds, "missing_runs": missing,
+                       "sweeps": {name: [asdict(c) | {"name": c.name} for c in cs] for name, cs in sweeps.items()}}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    plot_sweeps(summary, runs, sweeps, args.eval_samples, args.out)
+    traced, seed = max(runs, key=lambda key: (key[0].loss == "sampled_token", key[0].gate != "none",
+                                               key[0].updates, key[0].lr, -key[1]))
+    plot_trace(runs[(traced, seed)]["dir"], f"{traced.label}, {traced.epochs} x {traced.minibatches} updates, "
+               f"lr {traced.lr:g}, seed {seed}", args.out / "gate_trace.png")
+    (args.out / "report.md").write_text(report(summary, runs, sweeps, args, command, args.eval_samples))
+    log(f"wrote {args.out / 'report.md'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
