@@ -1,17 +1,25 @@
 """Benchmark the fused output-layer head against the unfused one: peak extra memory and time per token.
 
-fused:   ``fused_linear_logprobs(hidden, weight, labels)`` (the logits recomputed per chunk, never held)
-unfused: ``hidden @ weight^T`` (the column-parallel output layer: ``copy_to_tensor_model_parallel_region`` then the
-         matmul) + megatron-core's ``tensor_parallel.vocab_parallel_cross_entropy``
-Both: forward + backward of the summed log-prob, float32 hidden ``[n, h]`` and weight shard ``[V/tp, h]``, the
-gradients of both; TP ranks are gloo processes.
+Two heads (``--heads``), each fused and unfused; float32 hidden ``[n, h]`` and weight shard ``[V/tp, h]``, forward +
+backward with the gradients of both; TP ranks are gloo processes.
+
+- ``logprobs`` (what the sampled-token loss back-propagates through): fused ``fused_linear_logprobs(hidden, weight,
+  labels)`` (the logits recomputed per chunk in the backward, never held); unfused ``hidden @ weight^T`` (the
+  column-parallel output layer: ``copy_to_tensor_model_parallel_region`` then the matmul) + megatron-core's
+  ``tensor_parallel.vocab_parallel_cross_entropy``. Backward of the summed log-prob.
+- ``lsm`` (the trainer's Teacher-TopK/LSM head): the log-probs of the sampled tokens for the gate (no gradient flows
+  through them) and the LSM loss on a K = 32 support, back-propagated. Fused: ``fused_linear_logprobs`` +
+  ``fused_linear_lsm_loss`` (the gradient flows through the K gathered logits only); unfused: the output layer +
+  ``logprobs_at`` + ``topk_lsm_loss_parallel`` on the logits.
 
 Memory: each (path, tokens, TP) runs in fresh processes; a rank's peak extra memory is its peak resident set
 (``ru_maxrss``) minus its resident set just before the head runs (inputs allocated, libraries loaded): every byte
 the head and its backward allocate, the weight gradient included (V/tp x h x 4 bytes in both paths). Reported: the
-largest over ranks. Time: median over ``--repeats`` forward+backward calls after that first one, per token.
+largest over ranks. Time: median over ``--repeats`` forward+backward calls after that first one, per token
+(``--repeats 0``: the first call's time, page faults of its allocations included).
 
     OMP_NUM_THREADS=1 taskset -c 1 python bench/bench_fused_head.py
+    python bench/bench_fused_head.py --tokens 2048 8192 --tp 1 2 --heads logprobs lsm --repeats 0
 """
 
 import argparse
@@ -30,19 +38,32 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _head(path, hidden, weight, labels, group, chunk):
+SUPPORT = 32  # the LSM head's teacher top-K
+
+
+def _head(head, path, hidden, weight, labels, support, group, chunk):
     from megatron.core import tensor_parallel
 
-    from megatron_bpd.vocab_parallel import fused_linear_logprobs
+    from megatron_bpd import vocab_parallel as vp
 
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    teacher = torch.log_softmax(torch.linspace(0, -8, SUPPORT), 0).expand(*labels.shape, SUPPORT)
     if path == "fused":
-        fused_linear_logprobs(hidden, weight, labels, group, chunk_tokens=chunk).sum().backward()
-    else:
-        logits = tensor_parallel.copy_to_tensor_model_parallel_region(hidden) @ weight.t()
+        lp = vp.fused_linear_logprobs(hidden, weight, labels, group, chunk_tokens=chunk or None)
+        if head == "logprobs":
+            lp.sum().backward()
+        else:
+            vp.fused_linear_lsm_loss(hidden, weight, support, teacher, mask, group, gates=lp.detach())[0].backward()
+        return
+    logits = tensor_parallel.copy_to_tensor_model_parallel_region(hidden) @ weight.t()
+    if head == "logprobs":
         (-tensor_parallel.vocab_parallel_cross_entropy(logits, labels)).sum().backward()
+    else:
+        lp = vp.logprobs_at(logits, labels, group)
+        vp.topk_lsm_loss_parallel(logits, support, teacher, mask, group, gates=lp.detach())[0].backward()
 
 
-def _rank(rank, tp, port, path, tokens, hidden_size, vocab, chunk, repeats, queue):
+def _rank(rank, tp, port, head, path, tokens, hidden_size, vocab, chunk, repeats, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -56,17 +77,21 @@ def _rank(rank, tp, port, path, tokens, hidden_size, vocab, chunk, repeats, queu
     hidden = torch.randn(tokens, hidden_size, generator=gen).requires_grad_()
     weight = (torch.randn(vocab // tp, hidden_size, generator=gen) * 0.02).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    support = torch.randint(0, vocab, (tokens, SUPPORT), generator=gen)
     before = _rss_bytes()
-    _head(path, hidden, weight, labels, group, chunk)
+    if tp > 1:
+        torch.distributed.barrier()
+    start = time.perf_counter()
+    _head(head, path, hidden, weight, labels, support, group, chunk)
+    times = [time.perf_counter() - start]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    times = []
     for _ in range(repeats):
         hidden.grad = weight.grad = None
         torch.distributed.barrier()
         start = time.perf_counter()
-        _head(path, hidden, weight, labels, group, chunk)
+        _head(head, path, hidden, weight, labels, support, group, chunk)
         times.append(time.perf_counter() - start)
-    queue.put((rank, peak, statistics.median(times) if times else float("nan")))
+    queue.put((rank, peak, statistics.median(times[1:] if repeats else times)))
     parallel.destroy()
 
 
@@ -76,11 +101,12 @@ def _worker(args):
 
     from megatron_bpd.serve.launch import free_port
 
-    path, tokens, tp, hidden_size, vocab, chunk, repeats = args
+    head, path, tokens, tp, hidden_size, vocab, chunk, repeats = args
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, tp, port, path, tokens, hidden_size, vocab, chunk, repeats, queue))
+    procs = [ctx.Process(target=_rank, args=(r, tp, port, head, path, tokens, hidden_size, vocab, chunk, repeats,
+                                             queue))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -96,44 +122,54 @@ def main():
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--chunk-tokens", type=int, default=16, help="fused chunk (positions per recomputed chunk)")
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="fused chunk (positions per recomputed chunk; 0: the library's default, 128 MiB of logits)")
+    parser.add_argument("--heads", nargs="+", choices=("logprobs", "lsm"), default=["logprobs"])
+    parser.add_argument("--paths", nargs="+", choices=("fused", "unfused"), default=["fused", "unfused"],
+                        help="unfused alone where the fused one is measured elsewhere; fused alone where the unfused "
+                             "logits do not fit in memory")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--project", type=int, nargs="+", default=[2048, 8192, 32768],
                         help="token counts to project linearly from the measured ones")
-    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.worker:
-        path, *numbers = cli.worker
-        return _worker([path, *map(int, numbers)])
+        head, path, *numbers = cli.worker
+        return _worker([head, path, *map(int, numbers)])
     rows = {}
-    for tp in cli.tp:
-        for tokens in cli.tokens:
-            for path in ("fused", "unfused"):
-                args = [path, tokens, tp, cli.hidden, cli.vocab, cli.chunk_tokens, cli.repeats]
-                out = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], check=True,
-                                     capture_output=True, text=True).stdout.split()
-                rows[tp, tokens, path] = (int(out[-2]), float(out[-1]))
-                print(tp, tokens, path, rows[tp, tokens, path], flush=True)
+    for head in cli.heads:
+        for tp in cli.tp:
+            for tokens in cli.tokens:
+                for path in cli.paths:
+                    args = [head, path, tokens, tp, cli.hidden, cli.vocab, cli.chunk_tokens, cli.repeats]
+                    out = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], check=True,
+                                         capture_output=True, text=True).stdout.split()
+                    rows[head, tp, tokens, path] = (int(out[-2]), float(out[-1]))
+                    print(head, tp, tokens, path, rows[head, tp, tokens, path], flush=True)
     mib = 2 ** 20
-    print(f"\nV = {cli.vocab}, h = {cli.hidden}, float32, fused chunk {cli.chunk_tokens} tokens; peak extra memory "
-          f"per rank (MiB, ru_maxrss) and time per token (ms, median of {cli.repeats})")
-    print("| TP | tokens | fused MiB | unfused MiB | fused ms/token | unfused ms/token | fused/unfused time |")
-    print("|---|---|---|---|---|---|---|")
-    for (tp, tokens, path), _ in rows.items():
-        if path != "fused":
-            continue
-        (fm, ft), (um, ut) = rows[tp, tokens, "fused"], rows[tp, tokens, "unfused"]
-        print(f"| {tp} | {tokens} | {fm / mib:.0f} | {um / mib:.0f} | {1e3 * ft / tokens:.1f} | "
-              f"{1e3 * ut / tokens:.1f} | {ft / ut:.2f}x |")
-    lo, hi = min(cli.tokens), max(cli.tokens)
+    timing = f"median of {cli.repeats} after the first call" if cli.repeats else "one call"
+    chunk = f"{cli.chunk_tokens} tokens" if cli.chunk_tokens else "the default (128 MiB of logits)"
+    print(f"\nV = {cli.vocab}, h = {cli.hidden}, float32, fused chunk {chunk}; peak extra memory "
+          f"per rank (MiB, ru_maxrss) and time per token (ms, {timing})")
+    print("| head | TP | tokens | fused MiB | unfused MiB | fused ms/token | unfused ms/token | fused/unfused time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for head, tp, tokens in dict.fromkeys(key[:3] for key in rows):
+        fused, unfused = rows.get((head, tp, tokens, "fused")), rows.get((head, tp, tokens, "unfused"))
+        mem = lambda r: "-" if r is None else f"{r[0] / mib:.0f}"  # noqa: E731
+        ms = lambda r: "-" if r is None else f"{1e3 * r[1] / tokens:.2f}"  # noqa: E731 (pylint: cell-var-from-loop)
+        ratio = f"{fused[1] / unfused[1]:.2f}x" if fused and unfused else "-"
+        print(f"| {head} | {tp} | {tokens} | {mem(fused)} | {mem(unfused)} | {ms(fused)} | {ms(unfused)} | {ratio} |")
+    if len(cli.paths) < 2 or len(cli.tokens) < 2:
+        return
+    head, lo, hi = cli.heads[0], min(cli.tokens), max(cli.tokens)
     print("\nProjected, not measured: unfused linear through the two measured sizes; fused the largest measured plus "
           "its only per-token buffer, the float32 hidden gradient [n, h] (also part of the unfused slope):")
     print("| TP | tokens | fused MiB | unfused MiB | unfused: float32 logits + their grad alone |")
     print("|---|---|---|---|---|")
     for tp in cli.tp:
         for tokens in cli.project:
-            fused = max(rows[tp, t, "fused"][0] for t in cli.tokens) + (tokens - hi) * cli.hidden * 4
-            a, b = rows[tp, lo, "unfused"][0], rows[tp, hi, "unfused"][0]
+            fused = max(rows[head, tp, t, "fused"][0] for t in cli.tokens) + (tokens - hi) * cli.hidden * 4
+            a, b = rows[head, tp, lo, "unfused"][0], rows[head, tp, hi, "unfused"][0]
             unfused = a + (b - a) * (tokens - lo) / (hi - lo)
             logits = 2 * tokens * (cli.vocab // tp) * 4
             print(f"| {tp} | {tokens} | {fused / mib:.0f} | {unfused / mib:.0f} | {logits / mib:.0f} |")

@@ -47,8 +47,7 @@ def test_demo_writes_its_report_metrics_and_evaluations(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="the full demo runs on the newest stack only (CI time); the "
-                                                       "floor stack runs the shortened demo above")
+@pytest.mark.newest_only  # the floor stack runs the shortened demo above
 def test_the_default_demo_lifts_the_student(tmp_path):
     summary = run_demo(tmp_path / "demo")
     accuracy = summary["accuracy"]

@@ -24,6 +24,7 @@ def _load():
 
 
 @pytest.mark.slow
+@pytest.mark.newest_only
 def test_quick_writes_consistent_results(tmp_path):
     bench = _load()
     with pytest.raises(SystemExit):

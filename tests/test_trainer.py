@@ -145,6 +145,7 @@ def test_resume_and_data_parallelism_give_the_losses_of_one_uninterrupted_proces
     assert later and max(max(map(abs, r["drift"])) for r in later) > 1e-3  # reuse: the student has moved
 
 
+@pytest.mark.newest_only
 def test_a_crashed_rollout_server_is_restarted_and_the_run_goes_on(tiny, tmp_path):
     config = write_config(tiny, tmp_path / "crash")
     (result,) = run_distributed(_run_trainer, 1, str(config), 3, False, 1)
@@ -288,6 +289,7 @@ def test_overlapped_rollouts_train_every_trajectory_once_within_the_staleness_bo
 
 
 @pytest.mark.timeout(1500)  # three trainer runs
+@pytest.mark.newest_only
 def test_overlapped_resume_after_a_crash_and_a_killed_server_continue_exactly(tiny, tmp_path):
     """k = 2: a run that crashes after step 0's checkpoint and resumes (from it the rollouts of steps 1 and 2, then
     with a student server SIGKILLed inside step 3's rollout) trains on the same rollouts and gets the same losses as
