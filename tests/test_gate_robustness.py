@@ -5,6 +5,7 @@ docs/."""
 
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ FIELDS = ("variant", "loss", "granularity", "block_size", "reuse_epochs", "stale
 def _load():
     spec = importlib.util.spec_from_file_location("gate_robustness", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
