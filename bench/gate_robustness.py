@@ -120,7 +120,8 @@ def run_all(configs, args) -> tuple:
     todo = [(config, seed) for seed in args.seeds for config in configs]
     for i, (config, seed) in enumerate(todo):
         run_dir = args.out / "runs" / config.name / f"seed{seed}"
-        if not (run_dir / "run.json").exists() and not args.report_only and i % workers == worker:
+        wanted = not args.only or any(text in config.name for text in args.only)
+        if not (run_dir / "run.json").exists() and not args.report_only and wanted and i % workers == worker:
             log(f"[{i + 1}/{len(todo)}] {config.label} ({config.name}) seed {seed}")
             result = launch(task_run(config, args, run_dir, seed))
             first, last = result["evals"][0]["student"], result["evals"][-1]["student"]
@@ -354,6 +355,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="2 configurations, 1 seed, 2 steps, 8 problems")
     parser.add_argument("--worker", default="0/1", help="K/N: train only every N-th missing run, from the K-th")
     parser.add_argument("--report-only", action="store_true", help="report the finished runs, train nothing")
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="train only the configurations whose name contains one of these (e.g. e2m4-lr0.001); "
+                             "the report still covers every finished run of the sweeps")
     args = parser.parse_args(argv)
     sweeps = {name: SWEEPS[name] for name in args.sweeps}
     if args.quick:
