@@ -118,11 +118,12 @@ def run_all(configs, args) -> tuple:
     worker, workers = map(int, args.worker.split("/"))
     runs, missing = {}, []
     todo = [(config, seed) for seed in args.seeds for config in configs]
-    for i, (config, seed) in enumerate(todo):
+    trained = [key for key in todo if not args.only or any(text in key[0].name for text in args.only)]
+    mine = set(trained[worker::workers]) if not args.report_only else set()
+    for config, seed in todo:
         run_dir = args.out / "runs" / config.name / f"seed{seed}"
-        wanted = not args.only or any(text in config.name for text in args.only)
-        if not (run_dir / "run.json").exists() and not args.report_only and wanted and i % workers == worker:
-            log(f"[{i + 1}/{len(todo)}] {config.label} ({config.name}) seed {seed}")
+        if not (run_dir / "run.json").exists() and (config, seed) in mine:
+            log(f"[{trained.index((config, seed)) + 1}/{len(trained)}] {config.label} ({config.name}) seed {seed}")
             result = launch(task_run(config, args, run_dir, seed))
             first, last = result["evals"][0]["student"], result["evals"][-1]["student"]
             log(f"    greedy {first['greedy']:.3f} -> {last['greedy']:.3f}, pass@1 {first['pass1']:.3f} -> "
