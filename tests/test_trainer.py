@@ -162,7 +162,7 @@ def _first_update_data(rank, world_size, config_path):
 
     trainer = Trainer(load_config(config_path))
     seen, update = [], trainer._update
-    trainer._update = lambda data, rows, sums: (seen.append(data.trajectories.select(rows)), update(data, rows, sums))
+    trainer._update = lambda data, rows, *rest: (seen.append(data.trajectories.select(rows)), update(data, rows, *rest))
     trainer.run()
     return seen[0]
 
@@ -228,9 +228,9 @@ def _overlapped_run(rank, world_size, config_path, overrides, crash_at=None, kil
     trained, killed = {}, []
     update, rollout, train_step = trainer._update, trainer._rollout, trainer.train_step
 
-    def spy_update(data, rows, sums):
+    def spy_update(data, rows, *rest):
         trained.setdefault(trainer.step, (data.trajectories, []))[1].append(list(rows))
-        return update(data, rows, sums)
+        return update(data, rows, *rest)
 
     async def killing_rollout(client, teacher, step, prompts):
         if step == kill_at and not killed:
