@@ -436,6 +436,7 @@ def test_demo_setup_on_gpu_in_bf16_with_the_distributed_optimizer(tmp_path, reco
     assert max(r["drift_abs_mean"] for r in records) > BF16_MISMATCH_TOL, "updates too small to test weight sync"
 
 
+@pytest.mark.newest_only
 def test_held_out_evaluation_is_the_same_at_tp1_and_tp2(tiny, tmp_path):
     """The trainer's evaluation (greedy / pass@k through the servers, the support-KL probe through Megatron) of the
     same weights gives the same numbers whatever the layout; evals.jsonl has the base model, each eval step and the
