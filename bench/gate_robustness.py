@@ -257,6 +257,20 @@ def plot_trace(run_dir: Path, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def traced_runs(runs: dict) -> dict:
+    """The runs whose gate trace the report draws: {file name: (config, seed)}, the gated sampled-token run (else
+    any run) with the most updates per rollout at its lowest lr ("gate_trace.png") and, when another, at its highest
+    ("gate_trace_high_lr.png"); the lowest seed."""
+    def rank(key):
+        config, seed = key
+        return (config.loss == "sampled_token" and config.gate != "none", config.updates, config.staleness == 0, -seed)
+    best = max(rank(key)[:3] for key in runs)
+    candidates = sorted((key for key in runs if rank(key)[:3] == best), key=lambda key: (key[0].lr, key[1]))
+    low = candidates[0]
+    high = max(candidates, key=lambda key: (key[0].lr, -key[1]))
+    return {"gate_trace.png": low} | ({"gate_trace_high_lr.png": high} if high[0].lr != low[0].lr else {})
+
+
 def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path) -> list:
     """sweeps.png (pass@1 per configuration of each sweep, seeds as dots) and drift_by_block.png; returns names."""
     import matplotlib
@@ -265,7 +279,9 @@ def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path
     import matplotlib.pyplot as plt
 
     rows = summary["runs"]
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.2 * len(sweeps), 4.2), squeeze=False)
+    widths = [max(3.0, 0.55 * len(configs)) for configs in sweeps.values()]
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(sum(widths) + 1, 5.2), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, (name, configs) in zip(axes[0], sweeps.items()):
         for x, c in enumerate(configs):
             values = list(per_seed(rows, c, "pass1").values())
@@ -274,8 +290,9 @@ def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path
                 ax.errorbar(x, np.mean(values), yerr=np.std(values, ddof=1) if len(values) > 1 else 0, fmt="o",
                             color="C0" if c.gate == "none" else "C1", capsize=3)
         ax.axhline(rows[0]["pass1_before"], color="gray", linestyle=":", label="base student")
-        labels = [f"{c.gate}\n{c.epochs}x{c.minibatches} lr{c.lr:g}\nk{c.staleness} tau{c.tau:g}" for c in configs]
-        ax.set_xticks(range(len(configs)), labels, fontsize=6)
+        labels = [f"{c.loss.replace('sampled_token', 'st').replace('topk_lsm', 'lsm')} {c.gate} "
+                  f"{c.epochs}x{c.minibatches} lr{c.lr:g} k{c.staleness} tau{c.tau:g}" for c in configs]
+        ax.set_xticks(range(len(configs)), labels, fontsize=7, rotation=90)
         ax.set(title=f"{name}: held-out pass@1", ylim=(-0.02, 1.02))
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -302,18 +319,27 @@ def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path
     return ["sweeps.png", "drift_by_block.png"]
 
 
-def missing_note(summary: dict) -> str:
-    missing = summary["meta"]["missing_runs"]
+def missing_note(summary: dict, sweeps: dict, seeds) -> str:
+    """Which runs of each sweep are missing (the tables show the finished ones only)."""
+    missing = set(summary["meta"]["missing_runs"])
     if not missing:
         return "Every run of these sweeps finished."
-    return (f"**Not yet run ({len(missing)}):** " + ", ".join(f"`{m}`" for m in missing)
-            + ". The tables above show the finished runs only; `--seeds` counts are per row.")
+    lines = []
+    for name, configs in sweeps.items():
+        runs = [f"{c.name}/seed{s}" for c in configs for s in seeds]
+        absent = [r for r in runs if r in missing]
+        lines.append(f"- {name}: {len(runs) - len(absent)} of {len(runs)} runs finished"
+                     + (f"; missing: {', '.join(f'`{r}`' for r in absent)}" if 0 < len(absent) <= 12 else ""))
+    return "**Not every run has finished.** The tables show the finished runs only (see the seeds column):\n\n" + \
+        "\n".join(lines)
 
 
 def report(summary: dict, runs: dict, sweeps: dict, args, command: str, samples: int) -> str:
     rows = summary["runs"]
     first = rows[0]
     teacher = first["teacher"] or {}
+    trace_high = "\n![gate trace at a high lr](gate_trace_high_lr.png)\n" if "gate_trace_high_lr.png" in \
+        traced_runs(runs) else ""
     sections = "\n\n".join(f"### {name}\n\n{sweep_table(name, configs, summary, samples)}"
                            for name, configs in sweeps.items())
     return f"""# Gate robustness sweeps: results
@@ -334,14 +360,14 @@ pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: gr
 
 {sections}
 
-{missing_note(summary)}
+{missing_note(summary, sweeps, args.seeds)}
 
 ![sweeps](sweeps.png)
 
 ![drift by block](drift_by_block.png)
 
 ![gate trace](gate_trace.png)
-"""
+{trace_high}"""
 
 
 def main(argv=None):
@@ -378,10 +404,9 @@ def main(argv=None):
                        "sweeps": {name: [asdict(c) | {"name": c.name} for c in cs] for name, cs in sweeps.items()}}
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     plot_sweeps(summary, runs, sweeps, args.eval_samples, args.out)
-    traced, seed = max(runs, key=lambda key: (key[0].loss == "sampled_token", key[0].gate != "none",
-                                               key[0].updates, key[0].lr, -key[1]))
-    plot_trace(runs[(traced, seed)]["dir"], f"{traced.label}, {traced.epochs} x {traced.minibatches} updates, "
-               f"lr {traced.lr:g}, seed {seed}", args.out / "gate_trace.png")
+    for name, (traced, seed) in traced_runs(runs).items():
+        plot_trace(runs[(traced, seed)]["dir"], f"{traced.label}, {traced.epochs} x {traced.minibatches} updates, "
+                   f"lr {traced.lr:g}, seed {seed}", args.out / name)
     (args.out / "report.md").write_text(report(summary, runs, sweeps, args, command, args.eval_samples))
     log(f"wrote {args.out / 'report.md'}")
     return summary
