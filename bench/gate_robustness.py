@@ -312,6 +312,7 @@ def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path
     ax.set(xlabel=f"block index along the response (B = {BLOCK})", ylabel="mean |block drift| (nats/token)",
            title="drift by position in the response (sampled-token OPD, no gate)")
     if ax.lines:
+        ax.set_yscale("log")  # drift spans orders of magnitude between a helpful and a collapsing lr
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "drift_by_block.png", dpi=110)
