@@ -3,10 +3,15 @@
 Two heads (``--heads``), each fused and unfused; float32 hidden ``[n, h]`` and weight shard ``[V/tp, h]``, forward +
 backward with the gradients of both; TP ranks are gloo processes.
 
-- ``logprobs`` (what the sampled-token loss back-propagates through): fused ``fused_linear_logprobs(hidden, weight,
-  labels)`` (the logits recomputed per chunk in the backward, never held); unfused ``hidden @ weight^T`` (the
-  column-parallel output layer: ``copy_to_tensor_model_parallel_region`` then the matmul) + megatron-core's
-  ``tensor_parallel.vocab_parallel_cross_entropy``. Backward of the summed log-prob.
+- ``logprobs``: fused ``fused_linear_logprobs(hidden, weight, labels)`` (the logits recomputed per chunk in the
+  backward, never held); unfused ``hidden @ weight^T`` (the column-parallel output layer:
+  ``copy_to_tensor_model_parallel_region`` then the matmul) + megatron-core's
+  ``tensor_parallel.vocab_parallel_cross_entropy``. Backward of the summed log-prob. The trainer's head for the
+  sampled-token loss where its gradient cannot be taken in the forward (context parallelism, per-sequence gates).
+- ``sampled_token`` (the trainer's sampled-token head): the PPO loss of the sampled tokens
+  (``losses.sampled_token_position_losses``, fixed old and teacher log-probs) summed and back-propagated. Fused:
+  ``fused_linear_token_loss`` (the gradient taken in the forward, 3 GEMMs); unfused: the output layer + megatron's
+  cross entropy + the same loss.
 - ``lsm`` (the trainer's Teacher-TopK/LSM head): the log-probs of the sampled tokens for the gate (no gradient flows
   through them) and the LSM loss on a K = 32 support, back-propagated. Fused: ``fused_linear_logprobs`` +
   ``fused_linear_lsm_loss`` (the gradient flows through the K gathered logits only); unfused: the output layer +
@@ -29,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from queue import Empty
 
 import torch
 
@@ -45,9 +51,17 @@ def _head(head, path, hidden, weight, labels, support, group, chunk):
     from megatron.core import tensor_parallel
 
     from megatron_bpd import vocab_parallel as vp
+    from megatron_bpd.losses import sampled_token_position_losses
 
     mask = torch.ones_like(labels, dtype=torch.bool)
     teacher = torch.log_softmax(torch.linspace(0, -8, SUPPORT), 0).expand(*labels.shape, SUPPORT)
+    old = torch.full(labels.shape, -12.0)  # the behavior log-probs: the PPO ratio stays inside its clip
+    ppo = lambda lp, part=slice(None): sampled_token_position_losses(lp, old[part], old[part] + 1.0,  # noqa: E731
+                                                                     mask[part]).sum()
+    if path == "fused" and head == "sampled_token":
+        vp.fused_linear_token_loss(hidden, weight, labels, lambda part, lp: ppo(lp, part), group,
+                                   chunk_tokens=chunk or None)[0].backward()
+        return
     if path == "fused":
         lp = vp.fused_linear_logprobs(hidden, weight, labels, group, chunk_tokens=chunk or None)
         if head == "logprobs":
@@ -58,6 +72,8 @@ def _head(head, path, hidden, weight, labels, support, group, chunk):
     logits = tensor_parallel.copy_to_tensor_model_parallel_region(hidden) @ weight.t()
     if head == "logprobs":
         (-tensor_parallel.vocab_parallel_cross_entropy(logits, labels)).sum().backward()
+    elif head == "sampled_token":
+        ppo(-tensor_parallel.vocab_parallel_cross_entropy(logits, labels)).backward()
     else:
         lp = vp.logprobs_at(logits, labels, group)
         vp.topk_lsm_loss_parallel(logits, support, teacher, mask, group, gates=lp.detach())[0].backward()
@@ -110,7 +126,14 @@ def _worker(args):
              for r in range(tp)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=3600) for _ in procs]
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(queue.get(timeout=5))
+        except Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed:
+                raise SystemExit(f"a rank of {head}/{path} at {tokens} tokens, TP {tp} failed (exit codes {failed})")
     for p in procs:
         p.join()
     print(max(r[1] for r in results), max(r[2] for r in results))
@@ -123,8 +146,8 @@ def main():
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--chunk-tokens", type=int, default=0,
-                        help="fused chunk (positions per recomputed chunk; 0: the library's default, 128 MiB of logits)")
-    parser.add_argument("--heads", nargs="+", choices=("logprobs", "lsm"), default=["logprobs"])
+                        help="fused chunk (positions per chunk; 0: the library's default, 128 MiB of logits)")
+    parser.add_argument("--heads", nargs="+", choices=("logprobs", "sampled_token", "lsm"), default=["logprobs"])
     parser.add_argument("--paths", nargs="+", choices=("fused", "unfused"), default=["fused", "unfused"],
                         help="unfused alone where the fused one is measured elsewhere; fused alone where the unfused "
                              "logits do not fit in memory")

@@ -14,6 +14,7 @@ Layer 1 of the package: tensors in, tensors out; no torch.distributed, no Megatr
 the C++/CUDA extension when available (``megatron_bpd.ops``), else in its PyTorch reference.
 """
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -314,23 +315,49 @@ def _runs(segment_ids: torch.Tensor):
     return bounds[keep], ends[keep], segment_ids[bounds[keep]]
 
 
-def _normalize(raw, count, config: GateConfig, plan: SegmentPlan, normalizer):
-    """Normalized gates [S] for the configured scope (see GateConfig.scope)."""
+def raw_chunk_gates(cur_logprobs, old_logprobs, loss_mask, segment_ids, config: GateConfig) -> torch.Tensor:
+    """Raw gates g_s (not normalized) ``[c]`` of positions that hold every position of their segments, e.g. one
+    chunk of a fused loss head cut at segment starts; ``segment_ids`` ``[c]`` is that slice of ``plan.segment_ids``
+    (-1: ungated). The gates of the whole micro-batch are these times ``normalization_factor``."""
+    ids = segment_ids.reshape(-1).to(torch.int64)
+    valid = ids >= 0
+    lo = ids[valid].min() if bool(valid.any()) else ids.new_zeros(())
+    local = torch.where(valid, ids - lo, -1)
+    plan = SegmentPlan(local, torch.zeros(int(local.max()) + 1 if local.numel() else 0, dtype=torch.int64), 1)
+    return gates_for_segments(cur_logprobs, old_logprobs, loss_mask, local, plan,
+                              dataclasses.replace(config, normalize=False))[0]
+
+
+def normalization_factor(config: GateConfig, terms: torch.Tensor, normalizer=None) -> torch.Tensor:
+    """The one factor that turns raw gates into normalized ones for the scopes "micro-batch" (``terms``: the
+    micro-batch's ``normalizer_terms``) and "global" (``normalizer``); 1 without ``normalize``. 0-d float32."""
     if not config.normalize:
-        return raw
+        return torch.ones((), device=terms.device)
     if config.scope == "global":
         if normalizer is None:
             raise ValueError("scope 'global' needs normalizer=: the normalizer_terms of every micro-batch of the "
                              "optimizer step, summed (and all-reduced over data-parallel ranks)")
-        return raw * ops.normalization_scale(normalizer[0], normalizer[1]).to(raw.device)
-    if config.scope == "sequence":
+        return ops.normalization_scale(normalizer[0], normalizer[1]).to(terms.device)
+    if config.scope == "micro-batch":
+        return ops.normalization_scale(terms[0], terms[1])
+    raise ValueError(f"scope {config.scope!r} has one normalization factor per sequence, not one per micro-batch")
+
+
+def _normalize(raw, count, config: GateConfig, plan: SegmentPlan, normalizer):
+    """Normalized gates [S] for the configured scope (see GateConfig.scope)."""
+    if config.normalize and config.scope == "sequence":
         group = plan.sequence_of_segment.to(raw.device)
         total = torch.zeros(plan.num_sequences, device=raw.device, dtype=torch.float64)
         weighted = torch.zeros_like(total)
         total.index_add_(0, group, count.double())
         weighted.index_add_(0, group, (raw * count).double())
         return raw * ops.normalization_scale(total, weighted)[group]
-    return raw * ops.normalization_scale(count.double().sum(), (raw.double() * count).sum())
+    return raw * normalization_factor(config, _normalizer_terms(raw, count), normalizer)
+
+
+def _normalizer_terms(raw, count) -> torch.Tensor:
+    """[2] float64: (valid count, raw-gate-weighted count) of segments with raw gates ``raw`` and ``count``."""
+    return torch.stack([count.double().sum(), (raw.double() * count).sum()])
 
 
 def _raise_if_bad(first_bad: torch.Tensor, describe, shape) -> None:
@@ -380,7 +407,7 @@ def _stats(seg_stat, seg_count, seg_gate, raw_gate, drift_sums: Union[torch.Tens
     """Per-segment tensors and lazy 0-d summaries for logging (no host sync); see ``drift_gates``.
     ``drift_sums``: the [3] of ``_drift_sums``, or a function computing it when a summary is first read."""
     tensors = dict(segment_drift=seg_stat, segment_count=seg_count, segment_gate=seg_gate,
-                   normalizer_terms=torch.stack([seg_count.sum(), (raw_gate * seg_count).sum()]).double())
+                   normalizer_terms=_normalizer_terms(raw_gate, seg_count))
     return GateStats(tensors, lambda: _summaries(seg_stat, seg_count, seg_gate,
                                                  drift_sums() if callable(drift_sums) else drift_sums))
 

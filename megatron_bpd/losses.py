@@ -56,21 +56,10 @@ def sampled_token_opd_loss(cur_logprobs: torch.Tensor, old_logprobs: torch.Tenso
     r_t = exp(lp_cur_t - lp_old_t);  l_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t).
     All inputs ``[...]`` of one shape (``[b, s]`` or ``[n]``); only ``cur_logprobs`` carries gradient.
     """
-    _check_same_shape(cur_logprobs=cur_logprobs, old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs,
-                      loss_mask=loss_mask)
     mask = loss_mask != 0
-    old = _upcast(old_logprobs.detach())
-    teacher = _upcast(teacher_logprobs.detach())
-    for name, values in (("cur_logprobs", cur_logprobs), ("old_logprobs", old), ("teacher_logprobs", teacher)):
-        _check_finite(name, values, mask)
-    eps_low, eps_high = clip_eps
-    log_ratio = torch.where(mask, _upcast(cur_logprobs) - old, 0.0)
-    ratio = torch.exp(log_ratio)
-    advantage = torch.where(mask, teacher - old, 0.0).clamp(-adv_clip, adv_clip)
-    unclipped = ratio * advantage
-    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantage
-    per_position = -torch.minimum(unclipped, clipped)
-    loss = gated_mean(per_position, mask, gates, num_tokens)
+    log_ratio, ratio, advantage, unclipped, clipped = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask,
+                                                                 clip_eps, adv_clip)
+    loss = gated_mean(-torch.minimum(unclipped, clipped), mask, gates, num_tokens)
     with torch.no_grad():
         count = mask.sum().clamp(min=1)
         metrics = dict(
@@ -80,6 +69,30 @@ def sampled_token_opd_loss(cur_logprobs: torch.Tensor, old_logprobs: torch.Tenso
             approx_kl_old_cur=torch.where(mask, -log_ratio, 0.0).sum() / count,
         )
     return loss, metrics
+
+
+def sampled_token_position_losses(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                                  teacher_logprobs: torch.Tensor, loss_mask: torch.Tensor,
+                                  clip_eps: Tuple[float, float] = (0.2, 0.2), adv_clip: float = 5.0) -> torch.Tensor:
+    """The per-position l_t of ``sampled_token_opd_loss`` ``[...]`` (0 where masked), before gating and reduction."""
+    _, _, _, unclipped, clipped = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, loss_mask != 0,
+                                             clip_eps, adv_clip)
+    return -torch.minimum(unclipped, clipped)
+
+
+def _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip):
+    """log r_t, r_t, A_t, r_t A_t and clip(r_t) A_t (0 where masked), after checking shapes and finiteness."""
+    _check_same_shape(cur_logprobs=cur_logprobs, old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs,
+                      loss_mask=mask)
+    old = _upcast(old_logprobs.detach())
+    teacher = _upcast(teacher_logprobs.detach())
+    for name, values in (("cur_logprobs", cur_logprobs), ("old_logprobs", old), ("teacher_logprobs", teacher)):
+        _check_finite(name, values, mask)
+    eps_low, eps_high = clip_eps
+    log_ratio = torch.where(mask, _upcast(cur_logprobs) - old, 0.0)
+    ratio = torch.exp(log_ratio)
+    advantage = torch.where(mask, teacher - old, 0.0).clamp(-adv_clip, adv_clip)
+    return log_ratio, ratio, advantage, ratio * advantage, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantage
 
 
 def topk_lsm_loss(student_logits_at_support: torch.Tensor, teacher_logprobs_at_support: torch.Tensor,

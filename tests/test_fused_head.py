@@ -20,7 +20,7 @@ CASES = {
     "bf16": (6, 16, 96, None, torch.bfloat16, 1.3, 2, 5),
 }
 TP_SIZES = (1, 2, 4)
-OPS = ("logprobs", "logprobs_k", "entropy", "lsm")
+OPS = ("logprobs", "logprobs_k", "entropy", "lsm", "token_loss")
 
 
 def _make(case):
@@ -37,8 +37,14 @@ def _make(case):
     gates = torch.rand(n, generator=gen) + 0.5
     w_pos = torch.randn(n, generator=gen, dtype=torch.float64)
     w_ids = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    starts = torch.rand(n, generator=gen) < 0.4  # where fused_linear_token_loss may start a chunk
     return dict(hidden=hidden, weight=weight, labels=labels, ids=ids, teacher=teacher, mask=mask, gates=gates,
-                w_pos=w_pos, w_ids=w_ids, vocab=vocab)
+                w_pos=w_pos, w_ids=w_ids, vocab=vocab, starts=starts)
+
+
+def _token_loss(d):
+    """A per-position loss of the labels' log-probs, nonlinear (its gradient differs per position)."""
+    return lambda part, lp: (d["w_pos"][part].to(lp.dtype) * lp + 0.1 * lp ** 2).sum()
 
 
 def _objectives(d, temperature):
@@ -62,6 +68,14 @@ def _objectives(d, temperature):
                                                            **lsm_kw)[0],
                 lambda x: topk_lsm_loss(x.gather(-1, d["ids"]), d["teacher"].double(), d["mask"], **lsm_kw)[0],
                 torch.ones((), dtype=torch.float64)),
+        # the gradient taken in the forward, on chunks cut where ``starts`` allows
+        "token_loss": (lambda h, w, g, kw: vp.fused_linear_token_loss(h, w, d["labels"], _token_loss(d), g, temperature,
+                                                                      chunk_starts=d["starts"], **kw)[0],
+                       lambda x, g, kw: _token_loss(d)(slice(None), vp.logprobs_at(x, d["labels"], g, temperature,
+                                                                                  **kw)),
+                       lambda x: _token_loss(d)(slice(None), F.log_softmax(x / temperature, -1).gather(
+                           -1, d["labels"][:, None])[:, 0]),
+                       torch.ones((), dtype=torch.float64)),
     }
 
 
@@ -112,7 +126,7 @@ def _case_errors(case, rank, tp, group):
 
 
 def _saved_shapes(rank, tp, group):
-    """Shapes the autograd graph of fused_linear_logprobs + entropy keeps for the backward."""
+    """Shapes the autograd graph of fused_linear_logprobs + entropy + token_loss keeps for the backward."""
     n, h, v = 64, 8, 40
     hidden = torch.randn(n, h, requires_grad=True)
     weight = torch.randn(v, h, requires_grad=True)
@@ -120,7 +134,9 @@ def _saved_shapes(rank, tp, group):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
         lp = vp.fused_linear_logprobs(hidden, weight, torch.randint(0, v * tp, (n,)), group, chunk_tokens=4)
         ent = vp.fused_linear_entropy(hidden, weight, group, chunk_tokens=4)
-    (lp.sum() + ent.sum()).backward()
+        token, _ = vp.fused_linear_token_loss(hidden, weight, torch.randint(0, v * tp, (n,)),
+                                              lambda part, lp: 2 * lp.sum(), group, chunk_tokens=4)
+    (lp.sum() + ent.sum() + token).backward()
     return shapes
 
 
@@ -199,7 +215,49 @@ def test_fused_argument_errors():
         vp.fused_linear_logprobs(hidden, weight, torch.tensor([0, 6, 1]), vocab_size=6)
     with pytest.raises(ValueError, match="do not match hidden"):
         vp.fused_linear_logprobs(hidden, weight, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"chunk_starts has shape \[2\], labels \[3\]"):
+        vp.fused_linear_token_loss(hidden, weight, torch.tensor([0, 1, 2]), lambda part, lp: lp.sum(),
+                                   chunk_starts=torch.ones(2, dtype=torch.bool))
+    token, _ = vp.fused_linear_token_loss(hidden.requires_grad_(), weight, torch.tensor([0, 1, 2]),
+                                          lambda part, lp: lp.sum())
+    token.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same forward twice"):
+        token.backward()
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
         vp.fused_linear_entropy(hidden, weight, chunk_tokens=0)
     with pytest.raises(ValueError, match="k must be"):
         vp.fused_linear_topk(hidden, weight, 9)
+
+
+def test_token_loss_chunks_start_where_allowed():
+    """Chunks cover [0, n) in order, start only at allowed positions, and are as long as the chunk allows."""
+    from megatron_bpd.vocab_parallel.fused import chunks_at
+
+    starts = torch.zeros(20, dtype=torch.bool)
+    starts[[0, 3, 4, 9, 10, 18]] = True
+    assert [(p.start, p.stop) for p in chunks_at(20, 5, starts)] == [(0, 4), (4, 9), (9, 10), (10, 18), (18, 20)]
+    assert [(p.start, p.stop) for p in chunks_at(7, 3)] == [(0, 3), (3, 6), (6, 7)]
+    assert chunks_at(0, 3, torch.zeros(0, dtype=torch.bool)) == []
+
+
+
+def test_fused_sampled_token_loss_names_the_chunk_of_a_nan_log_prob():
+    """The loss taken in the forward checks the log-probs chunk by chunk; the error says where the chunk lies."""
+    from megatron_bpd.gating import GateConfig, plan_segments
+    from megatron_bpd.train.batch import MicroBatch
+    from megatron_bpd.train.loss import HiddenStates, LossConfig, gradient_in_forward, opd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    b, s, h, v = 2, 6, 4, 10
+    labels = torch.randint(0, v, (b, s), generator=gen)
+    old = -torch.rand(b, s, generator=gen)
+    old[1, 4] = float("nan")
+    config = LossConfig(gate=GateConfig(block_size=3), chunk_tokens=3)
+    plan = plan_segments((b, s), config.gate)
+    batch = MicroBatch(tokens=labels, labels=labels, loss_mask=torch.ones(b, s, dtype=torch.bool), old_logprobs=old,
+                       segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=old.nan_to_num())
+    head = HiddenStates(torch.randn(b, s, h, generator=gen, requires_grad=True), torch.randn(v, h, generator=gen))
+    assert gradient_in_forward(head, batch, config)
+    where = r"non-finite old_logprobs at valid position \[1\] .* in the chunk of flat positions \[9, 12\) of 12"
+    with pytest.raises(ValueError, match=where):
+        opd_loss(head, batch, config, batch.num_tokens)

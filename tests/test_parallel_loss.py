@@ -1,7 +1,11 @@
-"""Gates, loss and the loss gradient w.r.t. the logits are the same under TP2, CP2, TP2xCP2 and DP2 as on one
-process with the full vocabulary and the unsplit sequences (plain log_softmax + drift_gates + losses)."""
+"""Gates, loss and the loss gradient are the same under TP2, CP2, TP2xCP2 and DP2 as on one process with the full
+vocabulary and the unsplit sequences (plain log_softmax + drift_gates + losses), for both heads: vocab-parallel
+logits (gradient w.r.t. the logits) and the fused output layer (gradients w.r.t. the hidden states and the
+weight shard; the sampled-token and SFT losses there take their gradient in the forward where the layout allows,
+in chunks of CHUNK positions cut at gate-segment starts)."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -10,7 +14,9 @@ from distributed import run_distributed
 from megatron_bpd.gating import GateConfig, drift_gates, plan_segments
 from megatron_bpd.losses import sampled_token_opd_loss, topk_lsm_loss
 
-B, S, V, K = 4, 16, 24, 4
+B, S, V, K, H = 4, 16, 24, 4, 8
+CHUNK = 5  # the fused head's chunk: several chunks per micro-batch, cut at segment starts
+HEADS = ("logits", "fused")
 MICRO_BATCHES = [[0, 1], [2], [3]]  # the optimizer-step batch: micro-batches of one or two sequences
 LAYOUTS = [(2, 1), (1, 2), (2, 2), (1, 1)]  # (TP, CP) on 4 processes: TP2xDP2, CP2xDP2, TP2xCP2, DP4
 GATES = [GateConfig(block_size=3), GateConfig(block_size=5, scope="sequence", statistic="abs_mean"),
@@ -22,7 +28,9 @@ CASES = [(gate, kind) for gate in GATES for kind in LOSSES] + [(GateConfig(granu
 
 def make_batch():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(B, S, V, generator=g) * 2
+    hidden = torch.randn(B, S, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (2 / H ** 0.5)
+    logits = hidden @ weight.t()
     labels = torch.randint(V, (B, S), generator=g)
     starts = torch.tensor([3, 0, 5, 2])
     mask = torch.rand(B, S, generator=g) < 0.9
@@ -31,13 +39,16 @@ def make_batch():
     teacher_logits = torch.randn(B, S, V, generator=g) * 3
     teacher = torch.log_softmax(teacher_logits, -1)
     top = teacher.topk(K, -1)
-    return dict(logits=logits, labels=labels, starts=starts, mask=mask, old=old,
+    return dict(hidden=hidden, weight=weight, logits=logits, labels=labels, starts=starts, mask=mask, old=old,
                 teacher=teacher.gather(-1, labels[..., None])[..., 0], top_ids=top.indices, top_lp=top.values)
 
 
 def reference(data, gate, kind):
-    """(loss, gates [B, S], grad of the loss w.r.t. the full logits) on one process."""
-    logits = data["logits"].double().requires_grad_()
+    """(loss, gates [B, S], grads of the loss w.r.t. the full logits, the hidden states and the weight) on one
+    process, in float64."""
+    hidden, weight = data["hidden"].double().requires_grad_(), data["weight"].double().requires_grad_()
+    logits = hidden @ weight.t()
+    logits.retain_grad()
     num_tokens = data["mask"].sum()
     cur_all = torch.log_softmax(logits, -1).gather(-1, data["labels"][..., None])[..., 0]
     normalizer = None
@@ -63,7 +74,7 @@ def reference(data, gate, kind):
                                     num_tokens=num_tokens)
         total = total + loss
     total.backward()
-    return total.item(), all_gates, logits.grad.float()
+    return total.item(), all_gates, dict(logits=logits.grad, hidden=hidden.grad, weight=weight.grad)
 
 
 def _worker(rank, world_size):
@@ -78,7 +89,7 @@ def _layout_results(tp, cp):
     from megatron_bpd import parallel
     from megatron_bpd.parallel.context_parallel import cp_positions
     from megatron_bpd.train.batch import MicroBatch
-    from megatron_bpd.train.loss import LossConfig, opd_loss
+    from megatron_bpd.train.loss import HiddenStates, LossConfig, gradient_in_forward, opd_loss
 
     parallel.initialize(tp=tp, cp=cp, seed=1)
     tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
@@ -89,18 +100,23 @@ def _layout_results(tp, cp):
     positions, _ = cp_positions((B, S), cp, cp_rank)
     my_micro = [MICRO_BATCHES[i] for i in range(dp_rank, len(MICRO_BATCHES), dp_size)]
     num_tokens = data["mask"].sum()
+    weight_shard = data["weight"][vocab].clone().requires_grad_()
     out = {}
-    for gate, kind in CASES:
-        config = LossConfig(kind=kind, gate=gate)
+    for (gate, kind), head in itertools.product(CASES, HEADS):
+        config = LossConfig(kind=kind, gate=gate, chunk_tokens=CHUNK)
 
         def local(rows, cfg):
+            """(this rank's share of the micro-batch, its head: logits [b, s/cp, V/tp] or HiddenStates)"""
             plan = plan_segments((len(rows), S), cfg.gate, response_starts=data["starts"][rows])
             batch = MicroBatch(tokens=data["labels"][rows], labels=data["labels"][rows],
                                loss_mask=data["mask"][rows], old_logprobs=data["old"][rows],
                                segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=data["teacher"][rows],
                                teacher_topk_ids=data["top_ids"][rows], teacher_topk_logprobs=data["top_lp"][rows])
-            logits = data["logits"][rows][:, positions, vocab].clone().requires_grad_()
-            return batch.split_for_cp(cp, cp_rank), logits
+            if head == "logits":
+                inputs = data["logits"][rows][:, positions, vocab].clone().requires_grad_()
+            else:
+                inputs = HiddenStates(data["hidden"][rows][:, positions].clone().requires_grad_(), weight_shard)
+            return batch.split_for_cp(cp, cp_rank), inputs
 
         normalizer = None
         if gate.scope == "global":  # the no-grad pre-pass over every micro-batch of the step
@@ -114,12 +130,16 @@ def _layout_results(tp, cp):
             dist.all_reduce(normalizer, group=ps.get_data_parallel_group())
         results = []
         for rows in my_micro:
-            batch, logits = local(rows, config)
-            loss, metrics = opd_loss(logits, batch, config, num_tokens, tp_group=tp_group, cp_group=cp_group,
+            batch, inputs = local(rows, config)
+            loss, metrics = opd_loss(inputs, batch, config, num_tokens, tp_group=tp_group, cp_group=cp_group,
                                      normalizer=normalizer)
             loss.backward()
-            results.append(dict(rows=rows, loss=loss.item(), grad=logits.grad, gates=metrics["gates"]))
-        out[(gate.block_size, kind)] = results
+            grad = inputs.grad if head == "logits" else inputs.hidden.grad
+            results.append(dict(rows=rows, loss=loss.item(), grad=grad, gates=metrics["gates"],
+                                in_forward=gradient_in_forward(inputs, batch, config, cp_group)))
+        # the weight shard's gradient of all of this rank's micro-batches (DDP sums it over DP and CP)
+        out[(gate.block_size, kind, head)] = dict(parts=results, weight_grad=weight_shard.grad)
+        weight_shard.grad = None
     return dict(positions=positions, vocab=(vocab.start, vocab.stop), out=out)
 
 
@@ -128,31 +148,43 @@ def layout_results():
     return run_distributed(_worker, 4)
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("tp,cp", LAYOUTS, ids=["TP2xDP2", "CP2xDP2", "TP2xCP2", "DP4"])
-def test_loss_and_logit_gradients_match_one_process(layout_results, tp, cp):
+def test_loss_and_gradients_match_one_process(layout_results, tp, cp, head):
     data = make_batch()
     results = [r[(tp, cp)] for r in layout_results]
     for gate, kind in CASES:
-        ref_loss, ref_gates, ref_grad = reference(data, gate, kind)
-        grad = torch.full((B, S, V), float("nan"))
+        ref_loss, ref_gates, ref_grads = reference(data, gate, kind)
+        shape = (B, S, V) if head == "logits" else (B, S, H)
+        grad = torch.full(shape, float("nan"))
         gates = torch.full((B, S), float("nan"))
+        weight_grad = torch.zeros(V, H)
         total = 0.0
         for rank_result in results:
             lo, hi = rank_result["vocab"]
             pos = rank_result["positions"]
-            for part in rank_result["out"][(gate.block_size, kind)]:
+            mine = rank_result["out"][(gate.block_size, kind, head)]
+            for part in mine["parts"]:
                 sub = grad[part["rows"]]
-                sub[:, pos, lo:hi] = part["grad"]
+                sub[(slice(None), pos) + ((slice(lo, hi),) if head == "logits" else ())] = part["grad"]
                 grad[part["rows"]] = sub
                 gate_rows = gates[part["rows"]]
                 gate_rows[:, pos] = part["gates"]
                 gates[part["rows"]] = gate_rows
                 if lo == 0:  # each (micro-batch, CP share) counted once, not once per TP rank
                     total += part["loss"]
-        assert not torch.isnan(grad).any(), "some logits got no gradient"
+                # the fast path exactly where the layout allows it: no CP split, one normalization factor
+                assert part["in_forward"] == (head == "fused" and cp == 1 and gate.scope != "sequence"), (gate, kind)
+            if mine["weight_grad"] is not None:
+                weight_grad[lo:hi] += mine["weight_grad"]
+        assert not torch.isnan(grad).any(), "some positions got no gradient"
         torch.testing.assert_close(gates, ref_gates, rtol=1e-5, atol=1e-6, msg=f"gates {gate} {kind}")
         assert total == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (gate, kind)
+        ref_grad = ref_grads["logits" if head == "logits" else "hidden"].float()
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{gate} {kind}")
+        if head == "fused":
+            torch.testing.assert_close(weight_grad, ref_grads["weight"].float(), rtol=1e-4, atol=1e-6,
+                                       msg=f"weight {gate} {kind}")
 
 
 def _packed_cp_gates(rank, world_size):

@@ -111,6 +111,7 @@ def reference_block_gates(drift, block, tau=1.0):
     return raw / raw.mean()
 
 
+@pytest.mark.newest_only
 def test_resume_and_data_parallelism_give_the_losses_of_one_uninterrupted_process(tiny, tmp_path):
     whole = write_config(tiny, tmp_path / "whole", steps=4, gate_trace=3)
     run_distributed(_run_trainer, 1, str(whole), 4, False)

@@ -7,6 +7,11 @@ head the final hidden states [b, s, h] and the output layer's weight shard [V/tp
   sampled-token PPO loss, or LSM on the teacher's top-K support (student logits gathered at the support ids),
   reduced with the global valid-token count of the optimizer-step batch.
 
+With the fused head, the sampled-token and SFT losses take their gradient in the head's forward
+(``fused_linear_token_loss``: chunks cut at gate-segment starts, raw gates per chunk, the scope's normalization
+factor applied after) wherever that is exact without more communication (``gradient_in_forward``); elsewhere the
+head recomputes the logits in its backward.
+
 Two options of the LSM reference code: ``tail`` appends the sampled token to the support where the teacher's top-K
 misses it, and the top-entropy filter (``MicroBatch.train_mask``, chosen by the trainer over the whole mini-batch)
 restricts the loss positions.
@@ -17,11 +22,14 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.distributed
 
-from ..gating import GateConfig, gates_for_segments
-from ..losses import gated_mean, sampled_token_opd_loss, top_entropy_mask
+from ..gating import GateConfig, gates_for_segments, normalization_factor, raw_chunk_gates
+from ..losses import EPS, gated_mean, sampled_token_opd_loss, sampled_token_position_losses, top_entropy_mask
 from ..parallel.context_parallel import group_sum
-from ..vocab_parallel import fused_linear_logprobs, fused_linear_lsm_loss, logprobs_at, topk_lsm_loss_parallel
+from ..vocab_parallel import (fused_linear_logprobs, fused_linear_lsm_loss, fused_linear_token_loss, logprobs_at,
+                              topk_lsm_loss_parallel)
+from ..vocab_parallel.core import chunk_tokens as tokens_per_chunk
 from .batch import MicroBatch
 
 LOSSES = ("sampled_token", "topk_lsm", "sft")
@@ -42,6 +50,8 @@ class LossConfig:
     vocab_size: Optional[int] = None  # the real vocabulary when the model's is padded for TP
     # the output layer fused with the loss: the logits [b, s, V/tp] and their gradient are never held
     fused_head: bool = True
+    # positions per chunk of the fused head (its memory: chunk x V/tp float32); None: as many as fill 128 MiB
+    chunk_tokens: Optional[int] = None
     # LSM "tail": S_t = top-K(q) plus the sampled token y_t when it is not among them (K + 1 entries).
     tail: bool = False
     # Train only on this fraction of the mini-batch's valid positions with the highest student entropy
@@ -72,7 +82,8 @@ class HiddenStates:
 def _logprobs(head: Union[torch.Tensor, HiddenStates], labels, tp_group, config: LossConfig) -> torch.Tensor:
     kw = dict(temperature=config.temperature, vocab_size=config.vocab_size)
     if isinstance(head, HiddenStates):
-        return fused_linear_logprobs(head.hidden, head.weight, labels, tp_group, **kw)
+        return fused_linear_logprobs(head.hidden, head.weight, labels, tp_group, chunk_tokens=config.chunk_tokens,
+                                     **kw)
     return logprobs_at(head, labels, tp_group, **kw)
 
 
@@ -98,18 +109,27 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
     ``normalizer_terms`` and the per-position ``gates`` and ``drift`` (lp_cur - lp_old, 0 where masked) ``[b, s]`` of
     this rank's positions.
     """
-    cur = _logprobs(logits, batch.labels, tp_group, config)
+    mask = batch.loss_mask if batch.train_mask is None else batch.train_mask
+    if config.kind == "sampled_token" and batch.teacher_logprobs is None:
+        raise ValueError("the sampled_token loss needs MicroBatch.teacher_logprobs")
+    in_forward = config.kind != "topk_lsm" and gradient_in_forward(logits, batch, config, cp_group)
+    if in_forward:  # sum_t m_t g_t l_t with raw gates, its gradient taken in the forward
+        raw_sum, cur = _token_loss_in_forward(logits, batch, mask, tp_group, config)
+    else:
+        cur = _logprobs(logits, batch.labels, tp_group, config)
     gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
                                            config.gate, reduce=group_sum(cp_group), normalizer=normalizer)
-    mask = batch.loss_mask if batch.train_mask is None else batch.train_mask
     if config.kind in ("sampled_token", "sft"):
-        if config.kind == "sft":
-            loss, metrics = gated_mean(-cur, mask, None, num_tokens), {}
-        elif batch.teacher_logprobs is None:
-            raise ValueError("the sampled_token loss needs MicroBatch.teacher_logprobs")
-        else:
-            loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, mask, gates,
-                                                   config.clip_eps, config.adv_clip, num_tokens=num_tokens)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not in_forward):
+            if config.kind == "sft":
+                loss, metrics = gated_mean(-cur, mask, None, num_tokens), {}
+            else:
+                loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, mask, gates,
+                                                       config.clip_eps, config.adv_clip, num_tokens=num_tokens)
+        if in_forward:  # the same loss: the raw gates times the scope's one factor, over N + eps
+            factor = 1.0 if config.kind == "sft" else normalization_factor(
+                config.gate, gate_stats["normalizer_terms"], normalizer)
+            loss = raw_sum * (factor / (num_tokens + EPS))
         if batch.teacher_topk_ids is not None:  # logged: how far the student is from the teacher on its support
             with torch.no_grad():
                 metrics["support_kl"] = _lsm_loss(logits, batch, mask, tp_group, config)[1]["support_kl"]
@@ -121,6 +141,51 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
     metrics.update(normalizer_terms=gate_stats["normalizer_terms"], gates=gates,
                    drift=torch.where(batch.loss_mask, cur.detach() - batch.old_logprobs, 0.0))
     return loss, metrics
+
+
+def gradient_in_forward(head: Union[torch.Tensor, HiddenStates], batch: MicroBatch, config: LossConfig,
+                        cp_group=None) -> bool:
+    """Whether the fused head can take the sampled-token / SFT loss's gradient in its forward
+    (``fused_linear_token_loss``, 3 GEMMs instead of 4): hidden states without context parallelism (a gate
+    segment then lies whole on this rank), gates normalized by one factor (not per sequence), and gate segments
+    short enough to end a chunk (at most 4 chunks; the "sequence" granularity on long responses is not)."""
+    gate = config.gate
+    if not isinstance(head, HiddenStates) or (cp_group is not None and torch.distributed.get_world_size(cp_group) > 1):
+        return False
+    if config.kind == "sft" or gate.granularity == "none":
+        return True
+    if gate.normalize and gate.scope == "sequence":
+        return False
+    ids = batch.segment_ids[batch.segment_ids >= 0]
+    longest = int(torch.bincount(ids).max()) if ids.numel() else 0
+    return longest <= 4 * tokens_per_chunk(config.chunk_tokens, head.weight.shape[0])
+
+
+def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group, config: LossConfig):
+    """(sum_t m_t g_t l_t with the raw gates g_t of each chunk's segments, lp_cur ``[b, s]``) by
+    ``fused_linear_token_loss`` on chunks that start at segment starts."""
+    flat = {k: v.reshape(-1) for k, v in dict(mask=mask, valid=batch.loss_mask, old=batch.old_logprobs,
+                                               teacher=batch.teacher_logprobs, seg=batch.segment_ids).items()
+            if v is not None}
+    seg, starts = flat["seg"], None
+    gated = config.kind == "sampled_token" and config.gate.granularity != "none"
+    if gated:
+        starts = torch.ones_like(seg, dtype=torch.bool)
+        starts[1:] = (seg[1:] != seg[:-1]) | (seg[1:] < 0)
+        starts = starts.view(batch.labels.shape)
+
+    def token_loss(part: slice, lp: torch.Tensor) -> torch.Tensor:
+        m = flat["mask"][part]
+        if config.kind == "sft":
+            return torch.where(m, -lp, 0.0).sum()
+        losses = sampled_token_position_losses(lp, flat["old"][part], flat["teacher"][part], m, config.clip_eps,
+                                               config.adv_clip)
+        if gated:
+            losses = losses * raw_chunk_gates(lp, flat["old"][part], flat["valid"][part], seg[part], config.gate)
+        return torch.where(m, losses, 0.0).sum()
+
+    return fused_linear_token_loss(head.hidden, head.weight, batch.labels, token_loss, tp_group, config.temperature,
+                                   config.vocab_size, config.chunk_tokens, starts)
 
 
 def lsm_support(batch: MicroBatch, tail: bool):

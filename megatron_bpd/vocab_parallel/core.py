@@ -130,7 +130,7 @@ class LogitsChunks:
         return (self.grad,)
 
 
-def _shifted(rows: torch.Tensor, temperature: float, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def shifted(rows: torch.Tensor, temperature: float, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = rows / T - shift[:, None] in float32 (``rows`` [c, v] any float dtype, may be ``out`` itself)."""
     if temperature == 1.0:
         return torch.sub(rows, shift.unsqueeze(-1), out=out)
@@ -164,7 +164,7 @@ def local_stats(source, temperature: float, chunk: int, with_entropy: bool, k: i
             top = rows.topk(local_k, dim=-1)
             top_values[part, :local_k] = top.values.float() / temperature
             top_ids[part, :local_k] = top.indices + shard.start
-        w = _shifted(rows, temperature, m[part], work[:c])  # x - m_r <= 0
+        w = shifted(rows, temperature, m[part], work[:c])  # x - m_r <= 0
         if with_entropy:
             e = torch.exp(w, out=exp_work[:c])
             s = e.sum(-1)
@@ -200,7 +200,7 @@ def _softmax_grad_chunk(rows, temperature, big_m, norm, ent, g_norm, g_ent, out,
     p = exp(x - M) * exp(-L) recomputed from ``rows``; a term whose grad is None is skipped (both None: zeros)."""
     if g_norm is None and g_ent is None:
         return out.zero_()
-    w = _shifted(rows, temperature, big_m, out)  # x - M <= 0, log p = w - L
+    w = shifted(rows, temperature, big_m, out)  # x - M <= 0, log p = w - L
     scale = torch.exp(-norm) / temperature
     if g_ent is None:
         return w.exp_().mul_((g_norm * scale).unsqueeze(-1))

@@ -11,15 +11,22 @@ group, as Megatron's column-parallel output layer does: the hidden gradient is t
 
 Cost against output layer + ops on logits: the forward matmul runs twice (forward and backward): 4 instead of 3
 GEMMs of [n, h] x [h, V/tp]. Memory: O(chunk * V/tp + V/tp * h), independent of n.
+
+``fused_linear_token_loss`` is the exception, for a loss that is a sum of per-position functions of the sampled
+token's log-prob (the sampled-token OPD loss, SFT): it takes the loss as a callable on each chunk's log-probs and
+computes the gradients of hidden and weight in the forward, from the chunk's logits while they are at hand
+(3 GEMMs, as unfused); the backward only scales them.
 """
 
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from ..losses import topk_lsm_loss
-from .core import CHUNK_ELEMENTS, Shard, VocabStats, check_temperature, flat_ids, shard_of, topk_from_chunks
+from .core import (CHUNK_ELEMENTS, Shard, VocabStats, all_gather_rows, check_temperature, flat_ids, merge_shards, owned,
+                   shard_of, shifted, topk_from_chunks)
 from .core import chunk_tokens as tokens_per_chunk
 
 
@@ -76,10 +83,15 @@ class LinearChunks:
             self.g_weight.index_add_(0, local[part].reshape(-1),
                                      (g_part.unsqueeze(-1) * self.hidden[part].float().unsqueeze(1)).flatten(0, 1))
 
-    def grads(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def float_grads(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The float32 accumulators, the hidden one all-reduced over TP (the full hidden gradient on every rank)."""
         if self.shard.world > 1:
             dist.all_reduce(self.g_hidden, group=self.shard.group)
-        return self.g_hidden.to(self.hidden.dtype), self.g_weight.to(self.weight.dtype)
+        return self.g_hidden, self.g_weight
+
+    def grads(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        g_hidden, g_weight = self.float_grads()
+        return g_hidden.to(self.hidden.dtype), g_weight.to(self.weight.dtype)
 
 
 def _source(hidden: torch.Tensor, weight: torch.Tensor, tp_group, temperature: float,
@@ -152,3 +164,119 @@ def fused_linear_lsm_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: 
     support_mask, num_tokens). Returns ``(loss, metrics)``; equals ``topk_lsm_loss_parallel`` on the logits."""
     student_at_support = fused_linear_gather_at(hidden, weight, topk_ids, tp_group, vocab_size)
     return topk_lsm_loss(student_at_support, teacher_topk_logprobs, loss_mask, **loss_kwargs)
+
+
+def chunks_at(n: int, chunk: int, starts: Optional[torch.Tensor] = None) -> List[slice]:
+    """Consecutive slices covering ``[0, n)``, each starting at a position where ``starts`` ``[n]`` (bool) allows
+    (any position when None): as long as possible within ``chunk`` positions, longer only where no allowed start
+    lies within ``chunk`` of the previous one."""
+    if starts is None:
+        return [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    allowed = torch.cat([starts.reshape(-1).nonzero().reshape(-1).cpu(), torch.tensor([0, n])]).unique().tolist()
+    out, begin, i = [], 0, 0
+    while begin < n:
+        while i + 1 < len(allowed) and allowed[i + 1] <= begin:
+            i += 1
+        j = i + 1  # the first allowed start after begin; move on while the chunk stays within bounds
+        while j + 1 < len(allowed) and allowed[j + 1] <= begin + chunk:
+            j += 1
+        out.append(slice(begin, allowed[j]))
+        begin = allowed[j]
+    return out
+
+
+class TokenLossInForward(torch.autograd.Function):
+    """(sum over chunks of token_loss(part, lp_part) 0-d, lp ``[n]``) with lp_t = log softmax(x_t)[label_t]; the
+    gradients of hidden and weight are computed chunk by chunk in the forward and scaled in the backward.
+
+    Per chunk of positions (every TP rank runs the same chunks): the raw logits ``[c, V/tp]`` once; the local max,
+    log-sum-exp and label logit, all-gathered over TP ``[tp, c, 3]`` into lp; g = d token_loss / d lp by autograd
+    on ``[c]``; dlogits = g (onehot(label) - p) / T from the same logits; dhidden += dlogits @ W and
+    dW += dlogits^T @ hidden. The loss's value and its gradient both come from the chunk alone, so ``token_loss``
+    may use only the positions of ``part``."""
+
+    @staticmethod
+    def forward(ctx, token_loss, parts, shard, temperature, need_grad, labels, hidden, weight):
+        source = LinearChunks(shard, hidden, weight)
+        if need_grad:
+            source.begin_backward()
+        n, v, device = source.n, shard.valid, source.device
+        local, mine = owned(labels.unsqueeze(-1), shard)
+        local, mine = local.squeeze(-1), mine.squeeze(-1)
+        lp = torch.empty(n, device=device)
+        total = torch.zeros((), device=device)
+        width = max((p.stop - p.start for p in parts), default=0)
+        work = torch.empty(width, v, device=device)
+        for part in parts:
+            c = part.stop - part.start
+            stats = torch.zeros(c, 3, device=device)
+            stats[:, 0] = float("-inf")  # a rank holding only padding: m = -inf, log s = 0, no label
+            if v:
+                rows = source.rows(part, work[:c])  # raw logits [c, valid]
+                stats[:, 0] = rows.amax(-1).div_(temperature)
+                stats[:, 2] = torch.where(mine[part], rows.gather(1, local[part, None])[:, 0] / temperature, 0.0)
+                e = shifted(rows, temperature, stats[:, 0], rows).exp_()  # exp(x - m_r), in place
+                stats[:, 1] = e.sum(-1).log()
+            gathered = all_gather_rows(stats, shard)  # [tp, c, 3]
+            big_m, norm, _ = merge_shards(gathered[..., 0], gathered[..., 1], None)
+            lp[part] = (gathered[..., 2].sum(0) - big_m) - norm
+            with torch.enable_grad():
+                lp_part = lp[part].detach().requires_grad_(need_grad)
+                try:
+                    loss = token_loss(part, lp_part)
+                except ValueError as err:  # its positions are the chunk's: say where that chunk lies
+                    raise ValueError(f"{err} (in the chunk of flat positions [{part.start}, {part.stop}) of "
+                                     f"{n})") from err
+            total += loss.detach().float()
+            if not (need_grad and v and loss.requires_grad):
+                continue
+            (g,) = torch.autograd.grad(loss, lp_part)
+            g = g.float() / temperature
+            # dlogits = g (onehot - p) / T with p = e * exp(m_r - M - L) on this rank's columns
+            e.mul_((-g * torch.exp(stats[:, 0] - big_m - norm)).unsqueeze(-1))
+            e.scatter_add_(1, local[part, None], torch.where(mine[part], g, 0.0).unsqueeze(-1))
+            source.add_chunk_grad(part, e)
+        ctx.mark_non_differentiable(lp)
+        if need_grad:
+            ctx.save_for_backward(*source.float_grads())
+        ctx.dtypes, ctx.consumed = (hidden.dtype, weight.dtype), False
+        return total, lp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_total, g_lp):
+        """Scales the forward's float32 gradients in place (no second [V/tp, h] buffer): it runs once per forward."""
+        if ctx.consumed:
+            raise RuntimeError("fused_linear_token_loss: backward through the same forward twice (retain_graph) is "
+                               "not supported; its gradients were scaled in place by the first")
+        ctx.consumed = True
+        g_hidden, g_weight = ctx.saved_tensors
+        return (None,) * 6 + (g_hidden.mul_(g_total).to(ctx.dtypes[0]), g_weight.mul_(g_total).to(ctx.dtypes[1]))
+
+
+def fused_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            token_loss: Callable[[slice, torch.Tensor], torch.Tensor], tp_group=None,
+                            temperature: float = 1.0, vocab_size: Optional[int] = None,
+                            chunk_tokens: Optional[int] = None,
+                            chunk_starts: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A loss of the labels' log-probs, summed over chunks, with its gradient computed in the forward.
+
+    hidden ``[..., h]``, weight ``[V/tp, h]``, labels ``[...]``; lp = log softmax(hidden @ W^T / T)[labels] over
+    the unpadded vocabulary. ``token_loss(part, lp_part)`` -> 0-d: the loss of the flat positions ``part``
+    (a slice of ``[n]``) from their log-probs ``lp_part`` ``[c]`` float32, differentiable in lp_part and using
+    no other position's log-prob. ``chunk_starts`` ``[...]`` bool: where a chunk may begin (None: anywhere), e.g.
+    the starts of gate segments so that a segment's statistic lies in one chunk; a chunk grows past
+    ``chunk_tokens`` only to reach the next allowed start. Returns (sum of the chunk losses 0-d float32, lp ``[...]``
+    float32 without gradient); the loss back-propagates into hidden and weight exactly as
+    ``sum token_loss(part, fused_linear_logprobs(...)[part])`` does, with 3 GEMMs instead of 4 and the logits of
+    one chunk at a time (held across the all-gather of the chunk's [c, 3] statistics over TP)."""
+    source = _source(hidden, weight, tp_group, temperature, vocab_size)
+    labels_flat = flat_ids(labels, hidden.shape[:-1], source.shard.vocab_size, f"hidden {list(hidden.shape)}")[:, 0]
+    if chunk_starts is not None and chunk_starts.shape != labels.shape:
+        raise ValueError(f"chunk_starts has shape {list(chunk_starts.shape)}, labels {list(labels.shape)}")
+    parts = chunks_at(source.n, tokens_per_chunk(chunk_tokens, source.shard.local_size, "chunk_tokens"),
+                      chunk_starts)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total, lp = TokenLossInForward.apply(token_loss, parts, source.shard, float(temperature), need_grad, labels_flat,
+                                         source.hidden, weight)
+    return total, lp.view(labels.shape)
