@@ -258,6 +258,6 @@ def test_fused_sampled_token_loss_names_the_chunk_of_a_nan_log_prob():
                        segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=old.nan_to_num())
     head = HiddenStates(torch.randn(b, s, h, generator=gen, requires_grad=True), torch.randn(v, h, generator=gen))
     assert gradient_in_forward(head, batch, config)
-    where = r"non-finite old_logprobs at valid position \[1\] .* in the chunk of flat positions \[9, 12\) of 12"
+    where = r"non-finite old_logprobs at valid position \[1\] .*\(in the chunk of flat positions \[9, 12\) of 12"
     with pytest.raises(ValueError, match=where):
         opd_loss(head, batch, config, batch.num_tokens)
