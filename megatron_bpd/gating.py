@@ -178,13 +178,15 @@ class SegmentPlan:
     """The segments of one micro-batch, planned on its full (unsplit) sequences.
 
     ``segment_ids`` (the input's shape, int64): the segment of each position, -1 where ungated (prompt).
-    ``sequence_of_segment`` [S]: the sequence each segment belongs to. Under context parallelism every rank
-    takes its share of ``segment_ids`` with the same split as the tokens (``megatron_bpd.parallel``).
+    ``sequence_of_segment`` [S]: the sequence each segment belongs to. ``longest_segment``: the most positions
+    of any segment. Under context parallelism every rank takes its share of ``segment_ids`` with the same split as
+    the tokens (``megatron_bpd.parallel``).
     """
 
     segment_ids: torch.Tensor
     sequence_of_segment: torch.Tensor
     num_sequences: int
+    longest_segment: int
 
     @property
     def num_segments(self) -> int:
@@ -202,7 +204,18 @@ def plan_segments(shape, config: GateConfig, *, device="cpu", cu_seqlens=None, r
     pos, seg = ops.segment_positions(seg_start, seg_end)
     ids[pos] = seg
     sequence_of_segment = torch.searchsorted(layout.seq_offsets, seg_start, right=True) - 1
-    return SegmentPlan(ids.reshape(tuple(shape)), sequence_of_segment, layout.starts.numel())
+    longest = int((seg_end - seg_start).max()) if seg_start.numel() else 0
+    return SegmentPlan(ids.reshape(tuple(shape)), sequence_of_segment, layout.starts.numel(), longest)
+
+
+def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Where a segment begins, bool of the shape of ``segment_ids`` (any layout flattened in order; -1 ungated
+    positions count as starts): the positions at which a chunk of the positions may begin so that every segment
+    lies whole in one chunk."""
+    seg = segment_ids.reshape(-1)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[1:] = (seg[1:] != seg[:-1]) | (seg[1:] < 0)
+    return starts.view(segment_ids.shape)
 
 
 def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, loss_mask: torch.Tensor,
@@ -323,7 +336,9 @@ def raw_chunk_gates(cur_logprobs, old_logprobs, loss_mask, segment_ids, config: 
     valid = ids >= 0
     lo = ids[valid].min() if bool(valid.any()) else ids.new_zeros(())
     local = torch.where(valid, ids - lo, -1)
-    plan = SegmentPlan(local, torch.zeros(int(local.max()) + 1 if local.numel() else 0, dtype=torch.int64), 1)
+    sizes = torch.bincount(local[valid])  # positions per segment of the chunk
+    plan = SegmentPlan(local, torch.zeros(sizes.numel(), dtype=torch.int64), 1,
+                       int(sizes.max()) if sizes.numel() else 0)
     return gates_for_segments(cur_logprobs, old_logprobs, loss_mask, local, plan,
                               dataclasses.replace(config, normalize=False))[0]
 

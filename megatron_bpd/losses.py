@@ -57,18 +57,32 @@ def sampled_token_opd_loss(cur_logprobs: torch.Tensor, old_logprobs: torch.Tenso
     All inputs ``[...]`` of one shape (``[b, s]`` or ``[n]``); only ``cur_logprobs`` carries gradient.
     """
     mask = loss_mask != 0
-    log_ratio, ratio, advantage, unclipped, clipped = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask,
-                                                                 clip_eps, adv_clip)
-    loss = gated_mean(-torch.minimum(unclipped, clipped), mask, gates, num_tokens)
+    terms = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip)
+    loss = gated_mean(-torch.minimum(terms[3], terms[4]), mask, gates, num_tokens)
+    return loss, _ppo_metrics(terms, mask)
+
+
+def sampled_token_metrics(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                          loss_mask: torch.Tensor, clip_eps: Tuple[float, float] = (0.2, 0.2),
+                          adv_clip: float = 5.0) -> dict:
+    """The metrics of ``sampled_token_opd_loss`` alone (for a caller that takes the loss elsewhere): the 0-d
+    pg_clipfrac, ratio_mean, advantage_mean and approx_kl_old_cur over the valid positions."""
+    mask = loss_mask != 0
     with torch.no_grad():
-        count = mask.sum().clamp(min=1)
-        metrics = dict(
-            pg_clipfrac=((clipped < unclipped) & mask).sum() / count,
-            ratio_mean=torch.where(mask, ratio, 0.0).sum() / count,
-            advantage_mean=advantage.sum() / count,
-            approx_kl_old_cur=torch.where(mask, -log_ratio, 0.0).sum() / count,
-        )
-    return loss, metrics
+        return _ppo_metrics(_ppo_terms(cur_logprobs.detach(), old_logprobs, teacher_logprobs, mask, clip_eps,
+                                       adv_clip), mask)
+
+
+@torch.no_grad()
+def _ppo_metrics(terms, mask) -> dict:
+    log_ratio, ratio, advantage, unclipped, clipped = terms
+    count = mask.sum().clamp(min=1)
+    return dict(
+        pg_clipfrac=((clipped < unclipped) & mask).sum() / count,
+        ratio_mean=torch.where(mask, ratio, 0.0).sum() / count,
+        advantage_mean=advantage.sum() / count,
+        approx_kl_old_cur=torch.where(mask, -log_ratio, 0.0).sum() / count,
+    )
 
 
 def sampled_token_position_losses(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor,

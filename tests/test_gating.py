@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_bpd import ops
-from megatron_bpd.gating import GateConfig, drift_gates, gates_for_segments, newline_span_starts, plan_segments
+from megatron_bpd.gating import (GateConfig, drift_gates, gates_for_segments, newline_span_starts, plan_segments,
+                                 segment_starts)
 
 
 def reference_gates(cur, old, mask, config, response_starts, span_starts=None):
@@ -101,6 +102,24 @@ def test_planned_segments_equal_the_fused_kernel(config):
     torch.testing.assert_close(planned, fused)
     for key in ("segment_drift", "segment_count", "segment_gate", "normalizer_terms", "gate_min", "drift_abs_mean"):
         torch.testing.assert_close(stats[key], fused_stats[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: c.granularity)
+def test_plan_longest_segment_and_starts(config):
+    """``longest_segment`` is the largest count of one segment id; ``segment_starts`` marks the first position of
+    every segment and every ungated position, so cutting there keeps each segment whole."""
+    cur, _, _, starts = random_batch(5)
+    plan = plan_segments(cur.shape, config, response_starts=starts)
+    ids = plan.segment_ids.reshape(-1)
+    assert plan.longest_segment == int(torch.bincount(ids[ids >= 0]).max())
+    marks = segment_starts(plan.segment_ids).reshape(-1)
+    assert marks.shape == ids.shape and bool(marks[0])
+    for t in range(1, ids.numel()):
+        assert bool(marks[t]) == (int(ids[t]) < 0 or int(ids[t]) != int(ids[t - 1])), t
+    first = {}
+    for t, s in enumerate(ids.tolist()):
+        first.setdefault(s, t)
+    assert all(bool(marks[t]) for s, t in first.items() if s >= 0)
 
 
 def test_global_scope_over_micro_batches_equals_one_call():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_bpd.gating import GateConfig, drift_gates
-from megatron_bpd.losses import gated_mean, sampled_token_opd_loss, top_entropy_mask, topk_lsm_loss
+from megatron_bpd.losses import (gated_mean, sampled_token_metrics, sampled_token_opd_loss, top_entropy_mask,
+                                topk_lsm_loss)
 
 
 def reference_sampled_token(cur, old, teacher, mask, gates, eps_low=0.2, eps_high=0.2, adv_clip=5.0):
@@ -71,6 +72,13 @@ def test_sampled_token_loss_value_and_gradient(seed):
                                          gates.tolist(), eps_high=0.28)) / (2 * h)
         assert cur.grad[t].item() == pytest.approx(num, abs=1e-5), t
     assert 0.0 <= metrics["pg_clipfrac"].item() <= 1.0
+    alone = sampled_token_metrics(cur, old, teacher, mask, clip_eps=(0.2, 0.28))
+    assert alone.keys() == metrics.keys() and all(torch.equal(alone[k], metrics[k]) for k in alone)
+    valid = mask.nonzero().reshape(-1).tolist()
+    ratio = [math.exp(cur[t].item() - old[t].item()) for t in valid]
+    assert metrics["ratio_mean"].item() == pytest.approx(sum(ratio) / len(valid), rel=1e-9)
+    assert metrics["approx_kl_old_cur"].item() == pytest.approx(
+        sum(old[t].item() - cur[t].item() for t in valid) / len(valid), rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -283,3 +283,27 @@ def test_chunking_keeps_inputs_untouched_and_gives_same_result():
     b = vp.logprobs_at(logits, ids, None, chunk_size=1000)
     c = vp.logprobs_at(logits, ids, None)  # default chunk: CHUNK_ELEMENTS float32
     assert torch.equal(logits, before) and (a - b).abs().max() <= 1e-6 and (a - c).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_stats_match_reference(entropy, dtype):
+    """core.chunk_stats on one chunk: max, log-sum-exp relative to it, local entropy and exp(x - max), against
+    float64 math on the same values."""
+    from megatron_bpd.vocab_parallel.core import chunk_stats
+
+    rows = (torch.randn(7, 33) * 30).to(dtype)
+    x = rows.double() / 0.7
+    out = torch.empty(7, 33)
+    exp_out = torch.empty(7, 33) if entropy else None
+    m, log_s, ent, e = chunk_stats(rows, 0.7, out, exp_out)
+    ref_m = x.amax(-1)
+    torch.testing.assert_close(m.double(), ref_m, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(log_s.double(), torch.logsumexp(x, -1) - ref_m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e.double(), torch.exp(x - ref_m[:, None]), rtol=1e-5, atol=1e-6)
+    assert e.data_ptr() == (exp_out if entropy else out).data_ptr()
+    if entropy:
+        p = torch.softmax(x, -1)
+        torch.testing.assert_close(ent.double(), -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-5)
+    else:
+        assert ent is None

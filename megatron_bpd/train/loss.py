@@ -24,8 +24,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.distributed
 
-from ..gating import GateConfig, gates_for_segments, normalization_factor, raw_chunk_gates
-from ..losses import EPS, gated_mean, sampled_token_opd_loss, sampled_token_position_losses, top_entropy_mask
+from ..gating import GateConfig, gates_for_segments, normalization_factor, raw_chunk_gates, segment_starts
+from ..losses import (EPS, gated_mean, sampled_token_metrics, sampled_token_opd_loss, sampled_token_position_losses,
+                      top_entropy_mask)
 from ..parallel.context_parallel import group_sum
 from ..vocab_parallel import (fused_linear_logprobs, fused_linear_lsm_loss, fused_linear_token_loss, logprobs_at,
                               topk_lsm_loss_parallel)
@@ -120,16 +121,18 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
     gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
                                            config.gate, reduce=group_sum(cp_group), normalizer=normalizer)
     if config.kind in ("sampled_token", "sft"):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not in_forward):
-            if config.kind == "sft":
-                loss, metrics = gated_mean(-cur, mask, None, num_tokens), {}
-            else:
-                loss, metrics = sampled_token_opd_loss(cur, batch.old_logprobs, batch.teacher_logprobs, mask, gates,
-                                                       config.clip_eps, config.adv_clip, num_tokens=num_tokens)
+        ppo = (batch.old_logprobs, batch.teacher_logprobs, mask)
         if in_forward:  # the same loss: the raw gates times the scope's one factor, over N + eps
             factor = 1.0 if config.kind == "sft" else normalization_factor(
                 config.gate, gate_stats["normalizer_terms"], normalizer)
             loss = raw_sum * (factor / (num_tokens + EPS))
+            metrics = {} if config.kind == "sft" else sampled_token_metrics(cur, *ppo, config.clip_eps,
+                                                                            config.adv_clip)
+        elif config.kind == "sft":
+            loss, metrics = gated_mean(-cur, mask, None, num_tokens), {}
+        else:
+            loss, metrics = sampled_token_opd_loss(cur, *ppo, gates, config.clip_eps, config.adv_clip,
+                                                   num_tokens=num_tokens)
         if batch.teacher_topk_ids is not None:  # logged: how far the student is from the teacher on its support
             with torch.no_grad():
                 metrics["support_kl"] = _lsm_loss(logits, batch, mask, tp_group, config)[1]["support_kl"]
@@ -156,9 +159,7 @@ def gradient_in_forward(head: Union[torch.Tensor, HiddenStates], batch: MicroBat
         return True
     if gate.normalize and gate.scope == "sequence":
         return False
-    ids = batch.segment_ids[batch.segment_ids >= 0]
-    longest = int(torch.bincount(ids).max()) if ids.numel() else 0
-    return longest <= 4 * tokens_per_chunk(config.chunk_tokens, head.weight.shape[0])
+    return batch.plan.longest_segment <= 4 * tokens_per_chunk(config.chunk_tokens, head.weight.shape[0])
 
 
 def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group, config: LossConfig):
@@ -167,12 +168,9 @@ def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group
     flat = {k: v.reshape(-1) for k, v in dict(mask=mask, valid=batch.loss_mask, old=batch.old_logprobs,
                                                teacher=batch.teacher_logprobs, seg=batch.segment_ids).items()
             if v is not None}
-    seg, starts = flat["seg"], None
+    seg = flat["seg"]
     gated = config.kind == "sampled_token" and config.gate.granularity != "none"
-    if gated:
-        starts = torch.ones_like(seg, dtype=torch.bool)
-        starts[1:] = (seg[1:] != seg[:-1]) | (seg[1:] < 0)
-        starts = starts.view(batch.labels.shape)
+    starts = segment_starts(batch.segment_ids) if gated else None
 
     def token_loss(part: slice, lp: torch.Tensor) -> torch.Tensor:
         m = flat["mask"][part]

@@ -159,20 +159,29 @@ def local_stats(source, temperature: float, chunk: int, with_entropy: bool, k: i
         part = slice(start, start + chunk)
         rows = source.rows(part, work[:min(chunk, n - start)])
         c = rows.shape[0]
-        m[part] = rows.amax(-1).float().div_(temperature)
         if local_k:
             top = rows.topk(local_k, dim=-1)
             top_values[part, :local_k] = top.values.float() / temperature
             top_ids[part, :local_k] = top.indices + shard.start
-        w = shifted(rows, temperature, m[part], work[:c])  # x - m_r <= 0
+        m[part], log_s[part], h, _ = chunk_stats(rows, temperature, work[:c], exp_work[:c] if with_entropy else None)
         if with_entropy:
-            e = torch.exp(w, out=exp_work[:c])
-            s = e.sum(-1)
-            ent[part] = s.log() - torch.bmm(e.unsqueeze(1), w.unsqueeze(2)).view(c) / s
-        else:
-            s = w.exp_().sum(-1)
-        log_s[part] = s.log()
+            ent[part] = h
     return m, log_s, ent, top_values, top_ids
+
+
+def chunk_stats(rows: torch.Tensor, temperature: float, out: torch.Tensor, exp_out: Optional[torch.Tensor] = None):
+    """One chunk of this rank's real columns ``rows`` ``[c, v]`` (any float dtype; may be ``out``) with x = rows / T
+    -> (m_r = max x, log s_r, H_r or None, e), each ``[c]`` but e = exp(x - m_r) ``[c, v]`` float32: in ``out``,
+    or with ``exp_out`` in ``exp_out`` (``out`` then keeps x - m_r) and the local entropy H_r computed."""
+    m = rows.amax(-1).float().div_(temperature)
+    w = shifted(rows, temperature, m, out)  # x - m_r <= 0
+    if exp_out is None:
+        e = w.exp_()
+        return m, e.sum(-1).log(), None, e
+    e = torch.exp(w, out=exp_out)
+    s = e.sum(-1)
+    log_s = s.log()
+    return m, log_s, log_s - torch.bmm(e.unsqueeze(1), w.unsqueeze(2)).view(-1) / s, e
 
 
 def merge_shards(m_r: torch.Tensor, log_s_r: torch.Tensor, ent_r: Optional[torch.Tensor]):

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ..losses import topk_lsm_loss
-from .core import (CHUNK_ELEMENTS, Shard, VocabStats, all_gather_rows, check_temperature, flat_ids, merge_shards, owned,
-                   shard_of, shifted, topk_from_chunks)
+from .core import (CHUNK_ELEMENTS, Shard, VocabStats, all_gather_rows, check_temperature, chunk_stats, flat_ids,
+                   merge_shards, owned, shard_of, topk_from_chunks)
 from .core import chunk_tokens as tokens_per_chunk
 
 
@@ -213,10 +213,8 @@ class TokenLossInForward(torch.autograd.Function):
             stats[:, 0] = float("-inf")  # a rank holding only padding: m = -inf, log s = 0, no label
             if v:
                 rows = source.rows(part, work[:c])  # raw logits [c, valid]
-                stats[:, 0] = rows.amax(-1).div_(temperature)
                 stats[:, 2] = torch.where(mine[part], rows.gather(1, local[part, None])[:, 0] / temperature, 0.0)
-                e = shifted(rows, temperature, stats[:, 0], rows).exp_()  # exp(x - m_r), in place
-                stats[:, 1] = e.sum(-1).log()
+                stats[:, 0], stats[:, 1], _, e = chunk_stats(rows, temperature, rows)  # e = exp(x - m_r) in place
             gathered = all_gather_rows(stats, shard)  # [tp, c, 3]
             big_m, norm, _ = merge_shards(gathered[..., 0], gathered[..., 1], None)
             lp[part] = (gathered[..., 2].sum(0) - big_m) - norm
