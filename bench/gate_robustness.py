@@ -53,16 +53,19 @@ class Config:
     minibatches: int = 2
     lr: float = 3e-4
     staleness: int = 0
+    adv_clip: float = 5.0  # the sampled-token loss's advantage clamp (loss.adv_clip)
 
     @property
     def name(self) -> str:
+        adv = "" if self.adv_clip == Config.adv_clip else f"-adv{self.adv_clip:g}"
         return (f"{self.loss}-{self.gate}-tau{self.tau:g}-e{self.epochs}m{self.minibatches}-lr{self.lr:g}"
-                f"-k{self.staleness}")
+                f"-k{self.staleness}{adv}")
 
     @property
     def label(self) -> str:
         gate = {"none": "", "newline": " + NewlineSpan"}.get(self.gate, f" + {self.gate.capitalize()}")
-        return LOSS_LABELS[self.loss] + gate
+        adv = "" if self.adv_clip == Config.adv_clip else f", advantage clamp {self.adv_clip:g}"
+        return LOSS_LABELS[self.loss] + gate + adv
 
     def gate_section(self) -> dict:
         """The trainer's ``loss.gate`` section."""
@@ -93,6 +96,9 @@ SWEEPS = {
     "block": [replace(HEAVY, gate=gate) for gate in ("none", "token", "block4", "block8", "block16", "block32",
                                                      "block64", "sequence", "newline")],
     "tau": [replace(HEAVY, gate=f"block{BLOCK}", tau=tau) for tau in (0.5, 1.0, 2.0, 4.0)],
+    # issue 10's probe: a smaller advantage clamp at the best sampled-token schedule (a wrong token's advantage is
+    # the clamp, -5, against ~+0.1 on right ones); compared with the default clamp, not with a gate
+    "advantage": [replace(HEAVY, lr=1e-4, adv_clip=clip) for clip in (5.0, 1.0)],
 }
 QUICK = [replace(BASE, gate=f"block{BLOCK}", staleness=1), replace(BASE, loss="topk_lsm", gate="newline")]
 
@@ -107,7 +113,7 @@ def task_run(config: Config, args, run_dir: Path, seed: int) -> TaskRun:
                    prompts=prompts, eval_prompts=eval_prompts, loss=config.loss,
                    gate={"granularity": "none"} if config.loss == "sft" else config.gate_section(),
                    steps=args.steps, seed=seed, lr=config.lr, epochs=config.epochs, minibatches=config.minibatches,
-                   staleness=config.staleness, eval_every=args.eval_every, eval_limit=args.eval_problems,
+                   staleness=config.staleness, adv_clip=config.adv_clip, eval_every=args.eval_every, eval_limit=args.eval_problems,
                    eval_samples=args.eval_samples, gate_trace=TRACED)
 
 
@@ -144,7 +150,8 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
     return {
         "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,
         "block_size": block, "tau": config.tau, "reuse_epochs": config.epochs, "minibatches": config.minibatches,
-        "updates": config.updates, "lr": config.lr, "staleness": config.staleness, "seed": seed,
+        "updates": config.updates, "lr": config.lr, "staleness": config.staleness, "adv_clip": config.adv_clip,
+        "seed": seed,
         "greedy": after["student"]["greedy"], "pass1": after["student"]["pass1"],
         f"pass{samples}": after["student"].get(f"pass{samples}"),
         "greedy_before": before["student"]["greedy"], "pass1_before": before["student"]["pass1"],
@@ -173,23 +180,28 @@ def per_seed(rows, config: Config, key: str) -> dict:
     return {r["seed"]: r[key] for r in rows if r["config"] == config.name}
 
 
-def ungated(config: Config) -> Config:
-    return replace(config, gate="none", tau=1.0)
+def reference(config: Config) -> Config | None:
+    """What a configuration is compared with, seed by seed: a gated one with the same configuration ungated, one
+    with another advantage clamp with the default clamp; None for the rest."""
+    if config.adv_clip != Config.adv_clip:
+        return replace(config, adv_clip=Config.adv_clip)
+    if config.gate != "none" and config.loss != "sft":
+        return replace(config, gate="none", tau=1.0)
+    return None
 
 
 def sweep_table(name: str, configs, summary: dict, samples: int) -> str:
-    """Mean ± std per configuration, and for gated ones the paired per-seed difference to the same configuration
-    without a gate."""
+    """Mean ± std per configuration, and the paired per-seed difference to its ``reference``."""
     t, rows = summary["table"], summary["runs"]
     head = (f"| configuration | updates/rollout | lr | k | seeds | greedy | pass@1 | pass@{samples} | |drift| | "
-            f"gate min | gate std | gate - no gate: pass@1 (per seed) |\n|" + "---|" * 12)
+            f"gate min | gate std | minus reference: pass@1 (per seed) |\n|" + "---|" * 12)
     lines = [head]
     fmt = lambda s: "-" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
     for c in configs:
         row_t = t[c.name]
         diff = "-"
-        if c.gate != "none" and c.loss != "sft":
-            p = paired(per_seed(rows, c, "pass1"), per_seed(rows, ungated(c), "pass1"))
+        if reference(c) is not None:
+            p = paired(per_seed(rows, c, "pass1"), per_seed(rows, reference(c), "pass1"))
             if p:
                 diff = f"{p['mean']:+.3f} ± {p['std']:.3f} ({', '.join(f'{d:+.2f}' for d in p['diffs'])})"
         tau = f", tau {c.tau:g}" if name == "tau" else ""
@@ -353,7 +365,8 @@ Made by:
 {args.steps} steps x 64 prompts x 1 sample on the shipped teacher/student pair, Adam; held-out evaluation of
 {args.eval_problems} problems at steps 0, {args.eval_every}, ... (greedy; pass@1 and pass@{samples} from
 {samples} samples at T=1 / top-p 0.9). Mean ± std over seeds; the paired column is, per seed, the gated run minus
-the same configuration without a gate (the same seed: the same prompts and rollout seeds at step 0).
+the same configuration without a gate, or for the advantage sweep the run minus the default clamp (5) (the same
+seed: the same prompts and rollout seeds at step 0).
 
 Base student: greedy {first['greedy_before']:.3f}, pass@1 {first['pass1_before']:.3f},
 pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: greedy
