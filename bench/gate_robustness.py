@@ -54,26 +54,30 @@ class Config:
     lr: float = 3e-4
     staleness: int = 0
     adv_clip: float = 5.0  # the sampled-token loss's advantage clamp (loss.adv_clip)
+    normalize: bool = True  # gate.normalize: False keeps the raw gates (<= 1), so drift shrinks the update
 
     @property
     def name(self) -> str:
         adv = "" if self.adv_clip == Config.adv_clip else f"-adv{self.adv_clip:g}"
+        raw = "" if self.normalize else "-raw"
         return (f"{self.loss}-{self.gate}-tau{self.tau:g}-e{self.epochs}m{self.minibatches}-lr{self.lr:g}"
-                f"-k{self.staleness}{adv}")
+                f"-k{self.staleness}{adv}{raw}")
 
     @property
     def label(self) -> str:
         gate = {"none": "", "newline": " + NewlineSpan"}.get(self.gate, f" + {self.gate.capitalize()}")
         adv = "" if self.adv_clip == Config.adv_clip else f", advantage clamp {self.adv_clip:g}"
-        return LOSS_LABELS[self.loss] + gate + adv
+        raw = "" if self.normalize else " (not normalized)"
+        return LOSS_LABELS[self.loss] + gate + raw + adv
 
     def gate_section(self) -> dict:
         """The trainer's ``loss.gate`` section."""
+        raw = {} if self.normalize else {"normalize": False}
         if self.gate == "newline":
-            return {"granularity": "span", "tau": self.tau, **SPAN}
+            return {"granularity": "span", "tau": self.tau, **SPAN, **raw}
         if self.gate.startswith("block"):
-            return {"granularity": "block", "block_size": int(self.gate[5:]), "tau": self.tau}
-        return {"granularity": self.gate, "tau": self.tau}
+            return {"granularity": "block", "block_size": int(self.gate[5:]), "tau": self.tau, **raw}
+        return {"granularity": self.gate, "tau": self.tau, **raw}
 
     def granularity(self) -> tuple:
         """(granularity, block size or None) as in results.json."""
@@ -92,7 +96,8 @@ SWEEPS = {
                  for gate in ("none", f"block{BLOCK}", "newline")] + [replace(BASE, loss="sft")],
     "reuse": [replace(BASE, gate=gate, epochs=e, minibatches=m, lr=lr) for gate in ("none", f"block{BLOCK}")
               for e, m, lr in ((1, 1, 3e-4), (1, 2, 3e-4), (2, 2, 3e-4), (2, 4, 3e-4), (2, 4, 1e-4), (2, 4, 1e-3))],
-    "staleness": [replace(BASE, gate=gate, staleness=k) for gate in ("none", f"block{BLOCK}") for k in (0, 1, 2, 4)],
+    "staleness": [replace(BASE, gate=gate, staleness=k) for gate in ("none", f"block{BLOCK}") for k in (0, 1, 2, 4)]
+    + [replace(BASE, gate=f"block{BLOCK}", staleness=4, normalize=False)],  # raw gates: can drift shrink the step?
     "block": [replace(HEAVY, gate=gate) for gate in ("none", "token", "block4", "block8", "block16", "block32",
                                                      "block64", "sequence", "newline")],
     "tau": [replace(HEAVY, gate=f"block{BLOCK}", tau=tau) for tau in (0.5, 1.0, 2.0, 4.0)],
@@ -113,8 +118,8 @@ def task_run(config: Config, args, run_dir: Path, seed: int) -> TaskRun:
                    prompts=prompts, eval_prompts=eval_prompts, loss=config.loss,
                    gate={"granularity": "none"} if config.loss == "sft" else config.gate_section(),
                    steps=args.steps, seed=seed, lr=config.lr, epochs=config.epochs, minibatches=config.minibatches,
-                   staleness=config.staleness, adv_clip=config.adv_clip, eval_every=args.eval_every, eval_limit=args.eval_problems,
-                   eval_samples=args.eval_samples, gate_trace=TRACED)
+                   staleness=config.staleness, adv_clip=config.adv_clip, eval_every=args.eval_every,
+                   eval_limit=args.eval_problems, eval_samples=args.eval_samples, gate_trace=TRACED)
 
 
 def run_all(configs, args) -> tuple:
@@ -151,6 +156,7 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
         "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,
         "block_size": block, "tau": config.tau, "reuse_epochs": config.epochs, "minibatches": config.minibatches,
         "updates": config.updates, "lr": config.lr, "staleness": config.staleness, "adv_clip": config.adv_clip,
+        "normalize": config.normalize,
         "seed": seed,
         "greedy": after["student"]["greedy"], "pass1": after["student"]["pass1"],
         f"pass{samples}": after["student"].get(f"pass{samples}"),
@@ -186,7 +192,7 @@ def reference(config: Config) -> Config | None:
     if config.adv_clip != Config.adv_clip:
         return replace(config, adv_clip=Config.adv_clip)
     if config.gate != "none" and config.loss != "sft":
-        return replace(config, gate="none", tau=1.0)
+        return replace(config, gate="none", tau=1.0, normalize=True)
     return None
 
 
