@@ -54,6 +54,7 @@ class TaskRun:
     eval_samples: int = 2
     staleness: int = 0  # rollouts sampled k weight versions behind (rollout.max_staleness; behavior log-probs)
     adv_clip: float = 5.0  # the sampled-token loss's advantage clamp (loss.adv_clip)
+    dual_clip: Optional[float] = None  # dual-clip PPO's c (loss.dual_clip; None: off)
     gate_trace: int = 0  # trajectories per step whose per-position drift and gates go to gate_trace.jsonl
 
     def config(self) -> dict:
@@ -70,7 +71,7 @@ class TaskRun:
                         "max_staleness": self.staleness},
             "teacher": {"source": "sglang", "model": self.teacher, "top_k": self.top_k},
             "loss": {"kind": self.loss, "gate": {"granularity": "none"} if control else dict(self.gate),
-                     "adv_clip": self.adv_clip},
+                     "adv_clip": self.adv_clip, "dual_clip": self.dual_clip},
             "reuse": {"epochs": self.epochs, "minibatches": self.minibatches,
                       "micro_batch_size": self.micro_batch_size,
                       # the policy that sampled is the behavior policy: under staleness it is older than the weights

@@ -49,49 +49,66 @@ def gated_mean(per_position: torch.Tensor, loss_mask: torch.Tensor, gates: Optio
 def sampled_token_opd_loss(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
                            loss_mask: torch.Tensor, gates: Optional[torch.Tensor] = None,
                            clip_eps: Tuple[float, float] = (0.2, 0.2), adv_clip: float = 5.0,
-                           num_tokens: Optional[torch.Tensor] = None):
+                           num_tokens: Optional[torch.Tensor] = None, dual_clip: Optional[float] = None):
     """PPO clipped surrogate with the teacher's log-ratio as advantage; ``(loss, metrics)``.
 
     A_t = clamp(lp_teach_t - lp_old_t, -adv_clip, adv_clip) (detached, not normalized);
     r_t = exp(lp_cur_t - lp_old_t);  l_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t).
+    ``dual_clip`` c > 1 (dual-clip PPO): where A_t < 0, l_t = min(l_t, -c A_t), which bounds the push-down of a
+    token the current policy already rates far above the behavior policy (r_t > c: no gradient); None: off.
     All inputs ``[...]`` of one shape (``[b, s]`` or ``[n]``); only ``cur_logprobs`` carries gradient.
     """
     mask = loss_mask != 0
     terms = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip)
-    loss = gated_mean(-torch.minimum(terms[3], terms[4]), mask, gates, num_tokens)
-    return loss, _ppo_metrics(terms, mask)
+    loss = gated_mean(_ppo_losses(terms, dual_clip), mask, gates, num_tokens)
+    return loss, _ppo_metrics(terms, mask, dual_clip)
 
 
 def sampled_token_metrics(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
                           loss_mask: torch.Tensor, clip_eps: Tuple[float, float] = (0.2, 0.2),
-                          adv_clip: float = 5.0) -> dict:
+                          adv_clip: float = 5.0, dual_clip: Optional[float] = None) -> dict:
     """The metrics of ``sampled_token_opd_loss`` alone (for a caller that takes the loss elsewhere): the 0-d
-    pg_clipfrac, ratio_mean, advantage_mean and approx_kl_old_cur over the valid positions."""
+    pg_clipfrac, ratio_mean, advantage_mean and approx_kl_old_cur over the valid positions (with ``dual_clip``
+    also dual_clipfrac, the fraction held at -c A_t)."""
     mask = loss_mask != 0
     with torch.no_grad():
         return _ppo_metrics(_ppo_terms(cur_logprobs.detach(), old_logprobs, teacher_logprobs, mask, clip_eps,
-                                       adv_clip), mask)
+                                       adv_clip), mask, dual_clip)
 
 
 @torch.no_grad()
-def _ppo_metrics(terms, mask) -> dict:
+def _ppo_metrics(terms, mask, dual_clip: Optional[float] = None) -> dict:
     log_ratio, ratio, advantage, unclipped, clipped = terms
     count = mask.sum().clamp(min=1)
-    return dict(
+    metrics = dict(
         pg_clipfrac=((clipped < unclipped) & mask).sum() / count,
         ratio_mean=torch.where(mask, ratio, 0.0).sum() / count,
         advantage_mean=advantage.sum() / count,
         approx_kl_old_cur=torch.where(mask, -log_ratio, 0.0).sum() / count,
     )
+    if dual_clip is not None:
+        metrics["dual_clipfrac"] = ((advantage < 0) & (ratio > dual_clip) & mask).sum() / count
+    return metrics
 
 
 def sampled_token_position_losses(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                                   teacher_logprobs: torch.Tensor, loss_mask: torch.Tensor,
-                                  clip_eps: Tuple[float, float] = (0.2, 0.2), adv_clip: float = 5.0) -> torch.Tensor:
+                                  clip_eps: Tuple[float, float] = (0.2, 0.2), adv_clip: float = 5.0,
+                                  dual_clip: Optional[float] = None) -> torch.Tensor:
     """The per-position l_t of ``sampled_token_opd_loss`` ``[...]`` (0 where masked), before gating and reduction."""
-    _, _, _, unclipped, clipped = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, loss_mask != 0,
-                                             clip_eps, adv_clip)
-    return -torch.minimum(unclipped, clipped)
+    return _ppo_losses(_ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, loss_mask != 0, clip_eps, adv_clip),
+                       dual_clip)
+
+
+def _ppo_losses(terms, dual_clip: Optional[float]) -> torch.Tensor:
+    """l_t = -min(r_t A_t, clip(r_t) A_t), with ``dual_clip`` c held at most -c A_t where A_t < 0."""
+    _, _, advantage, unclipped, clipped = terms
+    losses = -torch.minimum(unclipped, clipped)
+    if dual_clip is None:
+        return losses
+    if not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    return torch.where(advantage < 0, torch.minimum(losses, -dual_clip * advantage), losses)
 
 
 def _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip):

@@ -10,8 +10,9 @@ from megatron_bpd.losses import (gated_mean, sampled_token_metrics, sampled_toke
                                 topk_lsm_loss)
 
 
-def reference_sampled_token(cur, old, teacher, mask, gates, eps_low=0.2, eps_high=0.2, adv_clip=5.0):
-    """method.md: A = clamp(teach - old), r = exp(cur - old), l = -min(rA, clip(r)A); sum m g l / sum m."""
+def reference_sampled_token(cur, old, teacher, mask, gates, eps_low=0.2, eps_high=0.2, adv_clip=5.0, dual=None):
+    """method.md: A = clamp(teach - old), r = exp(cur - old), l = -min(rA, clip(r)A); sum m g l / sum m.
+    ``dual`` c (dual-clip PPO): l = min(l, -cA) where A < 0."""
     total, count = 0.0, 0.0
     for t in range(len(cur)):
         if not mask[t]:
@@ -19,6 +20,8 @@ def reference_sampled_token(cur, old, teacher, mask, gates, eps_low=0.2, eps_hig
         a = min(max(teacher[t] - old[t], -adv_clip), adv_clip)
         r = math.exp(cur[t] - old[t])
         l = -min(r * a, min(max(r, 1 - eps_low), 1 + eps_high) * a)
+        if dual is not None and a < 0:
+            l = min(l, -dual * a)
         total += gates[t] * l
         count += 1
     return total / (count + 1e-8)
@@ -51,13 +54,16 @@ def random_case(seed, n=40, spread=1.0):
     return cur, old, teacher, mask, gates
 
 
+@pytest.mark.parametrize("dual", [None, 2.0])
 @pytest.mark.parametrize("seed", range(5))
-def test_sampled_token_loss_value_and_gradient(seed):
-    cur, old, teacher, mask, gates = random_case(seed)
+def test_sampled_token_loss_value_and_gradient(seed, dual):
+    cur, old, teacher, mask, gates = random_case(seed, spread=1.0 if dual is None else 4.0)
+    if dual is not None:  # the dual clip binds at some valid positions: A < 0 and r > c
+        assert bool((mask & (teacher - old < 0) & (cur - old > math.log(dual))).any())
     cur = cur.requires_grad_()
-    loss, metrics = sampled_token_opd_loss(cur, old, teacher, mask, gates, clip_eps=(0.2, 0.28))
+    loss, metrics = sampled_token_opd_loss(cur, old, teacher, mask, gates, clip_eps=(0.2, 0.28), dual_clip=dual)
     expected = reference_sampled_token(cur.tolist(), old.tolist(), teacher.tolist(), mask.tolist(),
-                                       gates.tolist(), eps_high=0.28)
+                                       gates.tolist(), eps_high=0.28, dual=dual)
     assert loss.item() == pytest.approx(expected, rel=1e-6, abs=1e-7)
     loss.backward()
     # Numerical gradient of the reference, position by position.
@@ -67,18 +73,23 @@ def test_sampled_token_loss_value_and_gradient(seed):
         up[t] += h
         down[t] -= h
         num = (reference_sampled_token(up.tolist(), old.tolist(), teacher.tolist(), mask.tolist(), gates.tolist(),
-                                       eps_high=0.28)
+                                       eps_high=0.28, dual=dual)
                - reference_sampled_token(down.tolist(), old.tolist(), teacher.tolist(), mask.tolist(),
-                                         gates.tolist(), eps_high=0.28)) / (2 * h)
+                                         gates.tolist(), eps_high=0.28, dual=dual)) / (2 * h)
         assert cur.grad[t].item() == pytest.approx(num, abs=1e-5), t
     assert 0.0 <= metrics["pg_clipfrac"].item() <= 1.0
-    alone = sampled_token_metrics(cur, old, teacher, mask, clip_eps=(0.2, 0.28))
+    alone = sampled_token_metrics(cur, old, teacher, mask, clip_eps=(0.2, 0.28), dual_clip=dual)
     assert alone.keys() == metrics.keys() and all(torch.equal(alone[k], metrics[k]) for k in alone)
     valid = mask.nonzero().reshape(-1).tolist()
     ratio = [math.exp(cur[t].item() - old[t].item()) for t in valid]
     assert metrics["ratio_mean"].item() == pytest.approx(sum(ratio) / len(valid), rel=1e-9)
     assert metrics["approx_kl_old_cur"].item() == pytest.approx(
         sum(old[t].item() - cur[t].item() for t in valid) / len(valid), rel=1e-9, abs=1e-12)
+    if dual is not None:
+        held = sum(1 for t in valid if teacher[t] - old[t] < 0 and cur[t].item() - old[t].item() > math.log(dual))
+        assert metrics["dual_clipfrac"].item() == pytest.approx(held / len(valid)) and held > 0
+        with pytest.raises(ValueError, match="dual_clip must be > 1"):
+            sampled_token_opd_loss(cur, old, teacher, mask, dual_clip=1.0)
 
 
 @pytest.mark.parametrize("seed", range(5))

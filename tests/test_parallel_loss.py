@@ -26,6 +26,12 @@ LOSSES = ["sampled_token", "topk_lsm"]
 CASES = [(gate, kind) for gate in GATES for kind in LOSSES] + [(GateConfig(granularity="none"), "sft")]
 
 
+def dual_clip(gate, kind):
+    """The sampled-token loss with the global-scope gate also runs dual-clip PPO (c = 1.5 binds at some positions
+    of this batch), so that the option is checked on both heads and every layout."""
+    return 1.5 if kind == "sampled_token" and gate is GATES[2] else None
+
+
 def make_batch():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(B, S, H, generator=g)
@@ -67,7 +73,8 @@ def reference(data, gate, kind):
             loss = -(cur * data["mask"][rows]).sum() / num_tokens
         elif kind == "sampled_token":
             loss, _ = sampled_token_opd_loss(cur, data["old"][rows].double(), data["teacher"][rows].double(),
-                                             data["mask"][rows], gates, num_tokens=num_tokens)
+                                             data["mask"][rows], gates, num_tokens=num_tokens,
+                                             dual_clip=dual_clip(gate, kind))
         else:
             student = logits[rows].gather(-1, data["top_ids"][rows])
             loss, _ = topk_lsm_loss(student, data["top_lp"][rows].double(), data["mask"][rows], gates,
@@ -103,7 +110,7 @@ def _layout_results(tp, cp):
     weight_shard = data["weight"][vocab].clone().requires_grad_()
     out = {}
     for (gate, kind), head in itertools.product(CASES, HEADS):
-        config = LossConfig(kind=kind, gate=gate, chunk_tokens=CHUNK)
+        config = LossConfig(kind=kind, gate=gate, chunk_tokens=CHUNK, dual_clip=dual_clip(gate, kind))
 
         def local(rows, cfg):
             """(this rank's share of the micro-batch, its head: logits [b, s/cp, V/tp] or HiddenStates)"""

@@ -46,6 +46,9 @@ class LossConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     clip_eps: Tuple[float, float] = (0.2, 0.2)
     adv_clip: float = 5.0
+    # dual-clip PPO: where the advantage is negative, the loss is held at most -c A (no gradient once r > c);
+    # None: off. Bounds the push-down of tokens the current policy rates far above a stale behavior policy.
+    dual_clip: Optional[float] = None
     log_ratio_clip: float = 5.0
     temperature: float = 1.0
     vocab_size: Optional[int] = None  # the real vocabulary when the model's is padded for TP
@@ -66,6 +69,8 @@ class LossConfig:
         if not 0.0 < self.top_entropy_fraction <= 1.0:
             raise ValueError(f"loss.top_entropy_fraction must be in (0, 1], got {self.top_entropy_fraction}")
         self.clip_eps = tuple(self.clip_eps)
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"loss.dual_clip must be > 1 (or null for off), got {self.dual_clip}")
         if self.kind == "sft" and self.gate.granularity != "none":
             raise ValueError(f"the sft loss takes no gate (gate.granularity must be 'none', got "
                              f"{self.gate.granularity!r})")
@@ -127,12 +132,12 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
                 config.gate, gate_stats["normalizer_terms"], normalizer)
             loss = raw_sum * (factor / (num_tokens + EPS))
             metrics = {} if config.kind == "sft" else sampled_token_metrics(cur, *ppo, config.clip_eps,
-                                                                            config.adv_clip)
+                                                                            config.adv_clip, config.dual_clip)
         elif config.kind == "sft":
             loss, metrics = gated_mean(-cur, mask, None, num_tokens), {}
         else:
             loss, metrics = sampled_token_opd_loss(cur, *ppo, gates, config.clip_eps, config.adv_clip,
-                                                   num_tokens=num_tokens)
+                                                   num_tokens=num_tokens, dual_clip=config.dual_clip)
         if batch.teacher_topk_ids is not None:  # logged: how far the student is from the teacher on its support
             with torch.no_grad():
                 metrics["support_kl"] = _lsm_loss(logits, batch, mask, tp_group, config)[1]["support_kl"]
@@ -177,7 +182,7 @@ def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group
         if config.kind == "sft":
             return torch.where(m, -lp, 0.0).sum()
         losses = sampled_token_position_losses(lp, flat["old"][part], flat["teacher"][part], m, config.clip_eps,
-                                               config.adv_clip)
+                                               config.adv_clip, config.dual_clip)
         if gated:
             losses = losses * raw_chunk_gates(lp, flat["old"][part], flat["valid"][part], seg[part], config.gate)
         return torch.where(m, losses, 0.0).sum()
