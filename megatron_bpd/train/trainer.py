@@ -42,8 +42,9 @@ from .rollout_feed import RolloutFeed, servers_from_config
 from .scoring import forward_only, gather_cp
 from .setup import lr_scheduler, wrap_for_training, zero_grads
 
-UPDATE_METRICS = ["loss", "pg_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min", "gate_max", "gate_std",
-                  "frac_gate_below_half", "drift_mean", "drift_abs_mean", "segment_drift_abs_mean", "lr", "grad_norm"]
+UPDATE_METRICS = ["loss", "pg_clipfrac", "dual_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min",
+                  "gate_max", "gate_std", "frac_gate_below_half", "drift_mean", "drift_abs_mean",
+                  "segment_drift_abs_mean", "lr", "grad_norm"]
 ROLLOUT_METRICS = ["rollout_train_mismatch"]
 
 
