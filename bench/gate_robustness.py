@@ -107,7 +107,8 @@ SWEEPS = {
     "tau": [replace(HEAVY, gate=f"block{BLOCK}", tau=tau) for tau in (0.5, 1.0, 2.0, 4.0)],
     # issue 10's probe: a smaller advantage clamp at the best sampled-token schedule (a wrong token's advantage is
     # the clamp, -5, against ~+0.1 on right ones); compared with the default clamp, not with a gate
-    "advantage": [replace(HEAVY, lr=1e-4, adv_clip=clip) for clip in (5.0, 1.0)],
+    "advantage": [replace(HEAVY, lr=1e-4, adv_clip=clip) for clip in (5.0, 1.0)]
+    + [replace(HEAVY, lr=1e-4, loss="sft")],  # the control at the same schedule: SFT on teacher samples
 }
 QUICK = [replace(BASE, gate=f"block{BLOCK}", staleness=1), replace(BASE, loss="topk_lsm", gate="newline")]
 
