@@ -124,8 +124,8 @@ def task_run(config: Config, args, run_dir: Path, seed: int) -> TaskRun:
                    gate={"granularity": "none"} if config.loss == "sft" else config.gate_section(),
                    steps=args.steps, seed=seed, lr=config.lr, epochs=config.epochs, minibatches=config.minibatches,
                    staleness=config.staleness, adv_clip=config.adv_clip, dual_clip=config.dual_clip,
-                   eval_every=args.eval_every,
-                   eval_limit=args.eval_problems, eval_samples=args.eval_samples, gate_trace=TRACED)
+                   eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples,
+                   gate_trace=TRACED)
 
 
 def run_all(configs, args) -> tuple:
@@ -162,8 +162,7 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
         "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,
         "block_size": block, "tau": config.tau, "reuse_epochs": config.epochs, "minibatches": config.minibatches,
         "updates": config.updates, "lr": config.lr, "staleness": config.staleness, "adv_clip": config.adv_clip,
-        "normalize": config.normalize, "dual_clip": config.dual_clip,
-        "seed": seed,
+        "normalize": config.normalize, "dual_clip": config.dual_clip, "seed": seed,
         "greedy": after["student"]["greedy"], "pass1": after["student"]["pass1"],
         f"pass{samples}": after["student"].get(f"pass{samples}"),
         "greedy_before": before["student"]["greedy"], "pass1_before": before["student"]["pass1"],

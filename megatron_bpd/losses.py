@@ -71,9 +71,8 @@ def sampled_token_metrics(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor
     pg_clipfrac, ratio_mean, advantage_mean and approx_kl_old_cur over the valid positions (with ``dual_clip``
     also dual_clipfrac, the fraction held at -c A_t)."""
     mask = loss_mask != 0
-    with torch.no_grad():
-        return _ppo_metrics(_ppo_terms(cur_logprobs.detach(), old_logprobs, teacher_logprobs, mask, clip_eps,
-                                       adv_clip), mask, dual_clip)
+    return _ppo_metrics(_ppo_terms(cur_logprobs.detach(), old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip),
+                        mask, dual_clip)
 
 
 @torch.no_grad()
