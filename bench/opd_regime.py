@@ -43,6 +43,7 @@ def base_run(out: Path, args) -> TaskRun:
     prompts, eval_prompts = task_prompts(out / "data", args.eval_problems)
     return TaskRun(out="", student=str(SHIPPED_MODELS / "student"), teacher=str(SHIPPED_MODELS / "teacher"),
                    prompts=prompts, eval_prompts=eval_prompts, steps=args.steps, lr=args.lr, tp=args.tp,
+                   epochs=args.epochs, minibatches=args.minibatches, adv_clip=args.adv_clip,
                    eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples)
 
 
@@ -150,8 +151,9 @@ Made by:
     {command}
 
 **Machine:** {platform.machine()} CPU, OMP_NUM_THREADS=1, Python {platform.python_version()}. **Budget per run:**
-{args.steps} steps x 64 prompts x 1 sample, 1 epoch x 2 mini-batches (2 optimizer updates per rollout batch),
-Adam lr {args.lr:g}, TP={args.tp}; held-out evaluation of {args.eval_problems} problems every {args.eval_every}
+{args.steps} steps x 64 prompts x 1 sample, {args.epochs} epoch(s) x {args.minibatches} mini-batches
+({args.epochs * args.minibatches} optimizer updates per rollout batch), Adam lr {args.lr:g}, sampled-token advantage
+clamp {args.adv_clip:g}, TP={args.tp}; held-out evaluation of {args.eval_problems} problems every {args.eval_every}
 steps (greedy, and pass@1 from {args.eval_samples} samples at T=1 / top-p 0.9). The control trains on teacher
 samples with the NLL loss, with the same prompts, updates and lr. Mean ± std over seeds (sample std); the
 seed sets the prompt order and the rollout samples, the teacher/student pair is the same.
@@ -181,6 +183,10 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=TaskRun.steps)
     parser.add_argument("--lr", type=float, default=TaskRun.lr)
+    parser.add_argument("--epochs", type=int, default=TaskRun.epochs, help="reuse epochs per rollout batch")
+    parser.add_argument("--minibatches", type=int, default=TaskRun.minibatches, help="mini-batches per epoch")
+    parser.add_argument("--adv-clip", type=float, default=TaskRun.adv_clip,
+                        help="the sampled-token loss's advantage clamp (loss.adv_clip)")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=TaskRun.eval_every)
     parser.add_argument("--eval-problems", type=int, default=TaskRun.eval_limit)
