@@ -56,14 +56,16 @@ class Config:
     adv_clip: float = 5.0  # the sampled-token loss's advantage clamp (loss.adv_clip)
     normalize: bool = True  # gate.normalize: False keeps the raw gates (<= 1), so drift shrinks the update
     dual_clip: float | None = None  # loss.dual_clip: dual-clip PPO's c (None: off)
+    proximal: bool = False  # under staleness, pi_old = the weights before the step (reuse.old_logprobs "recompute")
 
     @property
     def name(self) -> str:
         adv = "" if self.adv_clip == Config.adv_clip else f"-adv{self.adv_clip:g}"
         raw = "" if self.normalize else "-raw"
         dual = "" if self.dual_clip is None else f"-dual{self.dual_clip:g}"
+        prox = "-prox" if self.proximal else ""
         return (f"{self.loss}-{self.gate}-tau{self.tau:g}-e{self.epochs}m{self.minibatches}-lr{self.lr:g}"
-                f"-k{self.staleness}{adv}{raw}{dual}")
+                f"-k{self.staleness}{adv}{raw}{dual}{prox}")
 
     @property
     def label(self) -> str:
@@ -71,7 +73,8 @@ class Config:
         adv = "" if self.adv_clip == Config.adv_clip else f", advantage clamp {self.adv_clip:g}"
         raw = "" if self.normalize else " (not normalized)"
         dual = "" if self.dual_clip is None else f", dual clip {self.dual_clip:g}"
-        return LOSS_LABELS[self.loss] + gate + raw + adv + dual
+        prox = ", proximal pi_old" if self.proximal else ""
+        return LOSS_LABELS[self.loss] + gate + raw + adv + dual + prox
 
     def gate_section(self) -> dict:
         """The trainer's ``loss.gate`` section."""
@@ -101,7 +104,9 @@ SWEEPS = {
               for e, m, lr in ((1, 1, 3e-4), (1, 2, 3e-4), (2, 2, 3e-4), (2, 4, 3e-4), (2, 4, 1e-4), (2, 4, 1e-3))],
     "staleness": [replace(BASE, gate=gate, staleness=k) for gate in ("none", f"block{BLOCK}") for k in (0, 1, 2, 4)]
     + [replace(BASE, gate=f"block{BLOCK}", staleness=4, normalize=False),  # raw gates: can drift shrink the step?
-       replace(BASE, staleness=4, dual_clip=3.0)],  # or is it PPO's unbounded push-down of stale negatives?
+       replace(BASE, staleness=4, dual_clip=3.0),  # or is it PPO's unbounded push-down of stale negatives?
+       # or the advantage lp_teach - lp_old with a k-versions-old lp_old, lagging the student (delayed feedback)?
+       replace(BASE, staleness=2, proximal=True), replace(BASE, staleness=4, proximal=True)],
     "block": [replace(HEAVY, gate=gate) for gate in ("none", "token", "block4", "block8", "block16", "block32",
                                                      "block64", "sequence", "newline")],
     "tau": [replace(HEAVY, gate=f"block{BLOCK}", tau=tau) for tau in (0.5, 1.0, 2.0, 4.0)],
@@ -124,6 +129,7 @@ def task_run(config: Config, args, run_dir: Path, seed: int) -> TaskRun:
                    gate={"granularity": "none"} if config.loss == "sft" else config.gate_section(),
                    steps=args.steps, seed=seed, lr=config.lr, epochs=config.epochs, minibatches=config.minibatches,
                    staleness=config.staleness, adv_clip=config.adv_clip, dual_clip=config.dual_clip,
+                   old_logprobs="recompute" if config.proximal else None,
                    eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples,
                    gate_trace=TRACED)
 
@@ -162,7 +168,7 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
         "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,
         "block_size": block, "tau": config.tau, "reuse_epochs": config.epochs, "minibatches": config.minibatches,
         "updates": config.updates, "lr": config.lr, "staleness": config.staleness, "adv_clip": config.adv_clip,
-        "normalize": config.normalize, "dual_clip": config.dual_clip, "seed": seed,
+        "normalize": config.normalize, "dual_clip": config.dual_clip, "proximal": config.proximal, "seed": seed,
         "greedy": after["student"]["greedy"], "pass1": after["student"]["pass1"],
         f"pass{samples}": after["student"].get(f"pass{samples}"),
         "greedy_before": before["student"]["greedy"], "pass1_before": before["student"]["pass1"],
@@ -192,11 +198,13 @@ def per_seed(rows, config: Config, key: str) -> dict:
 
 
 def reference(config: Config) -> Config | None:
-    """What a configuration is compared with, seed by seed: one with dual clipping or another advantage clamp with
-    the same configuration without (the loss's defaults), a gated one with the same configuration ungated; None
-    for the rest."""
+    """What a configuration is compared with, seed by seed: one with dual clipping, a proximal pi_old or another
+    advantage clamp with the same configuration without (the defaults), a gated one with the same configuration
+    ungated; None for the rest."""
     if config.dual_clip is not None:
         return replace(config, dual_clip=None)
+    if config.proximal:
+        return replace(config, proximal=False)
     if config.adv_clip != Config.adv_clip:
         return replace(config, adv_clip=Config.adv_clip)
     if config.gate != "none" and config.loss != "sft":
@@ -379,8 +387,10 @@ Made by:
 {args.steps} steps x 64 prompts x 1 sample on the shipped teacher/student pair, Adam; held-out evaluation of
 {args.eval_problems} problems at steps 0, {args.eval_every}, ... (greedy; pass@1 and pass@{samples} from
 {samples} samples at T=1 / top-p 0.9). Mean ± std over seeds; the paired column is, per seed, the gated run minus
-the same configuration without a gate, and for a run with dual clipping or another advantage clamp the run minus
-the same configuration with the loss's defaults (the same seed: the same prompts and rollout seeds at step 0).
+the same configuration without a gate, and for a run with dual clipping, a proximal pi_old or another advantage
+clamp the run minus the same configuration with the defaults (the same seed: the same prompts and rollout seeds at
+step 0). "Proximal pi_old": under staleness k, pi_old is the weights before the step (reuse.old_logprobs
+"recompute"), not the policy that sampled k versions before.
 
 Base student: greedy {first['greedy_before']:.3f}, pass@1 {first['pass1_before']:.3f},
 pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: greedy

@@ -55,6 +55,8 @@ class TaskRun:
     staleness: int = 0  # rollouts sampled k weight versions behind (rollout.max_staleness; behavior log-probs)
     adv_clip: float = 5.0  # the sampled-token loss's advantage clamp (loss.adv_clip)
     dual_clip: Optional[float] = None  # dual-clip PPO's c (loss.dual_clip; None: off)
+    # reuse.old_logprobs; None: "rollout" under staleness (the policy that sampled), else "recompute"
+    old_logprobs: Optional[str] = None
     gate_trace: int = 0  # trajectories per step whose per-position drift and gates go to gate_trace.jsonl
 
     def config(self) -> dict:
@@ -74,8 +76,7 @@ class TaskRun:
                      "adv_clip": self.adv_clip, "dual_clip": self.dual_clip},
             "reuse": {"epochs": self.epochs, "minibatches": self.minibatches,
                       "micro_batch_size": self.micro_batch_size,
-                      # the policy that sampled is the behavior policy: under staleness it is older than the weights
-                      "old_logprobs": "rollout" if self.staleness else "recompute"},
+                      "old_logprobs": self.old_logprobs or ("rollout" if self.staleness else "recompute")},
             "optimizer": {"optimizer": "adam", "lr": self.lr, "clip_grad": 1.0},
             "eval": {"every": self.eval_every, "prompts": self.eval_prompts, "limit": self.eval_limit,
                      "samples": self.eval_samples},

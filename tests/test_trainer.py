@@ -270,9 +270,12 @@ def check_trained_once(run, steps, config):
         assert rows == sorted(list(range(per_step)) * config["reuse"]["epochs"])
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_overlapped_rollouts_train_every_trajectory_once_within_the_staleness_bound(tiny, tmp_path, k):
-    overlap = {"rollout": {"max_staleness": k}, "reuse": {"epochs": 2, "minibatches": 2, "old_logprobs": "rollout"},
+@pytest.mark.parametrize("k, old", [(1, "rollout"), (2, "recompute")])
+def test_overlapped_rollouts_train_every_trajectory_once_within_the_staleness_bound(tiny, tmp_path, k, old):
+    """pi_old is the policy that sampled ("rollout") or the current weights before the step ("recompute": then the
+    log-probs of trajectories sampled with older weights are compared with the behavior's, as the drift since
+    sampling, and those of fresh ones as the rollout/train mismatch)."""
+    overlap = {"rollout": {"max_staleness": k}, "reuse": {"epochs": 2, "minibatches": 2, "old_logprobs": old},
                "optimizer": {"lr": 1e-4}}  # small steps: the student keeps sampling different responses
     config = write_config(tiny, tmp_path / "overlap", steps=4, **overlap)
     (run,) = run_distributed(_overlapped_run, 1, str(config), [])
@@ -281,6 +284,12 @@ def test_overlapped_rollouts_train_every_trajectory_once_within_the_staleness_bo
         # step s samples with the weights of step max(s - k, 0): the bound is met exactly, never exceeded
         assert r["staleness_max"] == r["staleness_mean"] == min(r["step"], k)
         assert r["resampled_trajectories"] == 0
+        if old == "rollout":
+            assert "rollout_train_mismatch" not in r and "behavior_drift_abs_mean" not in r
+        elif r["staleness_max"] == 0:
+            assert r["rollout_train_mismatch"] < 1e-5 and "behavior_drift_abs_mean" not in r
+        else:
+            assert r["behavior_drift_abs_mean"] > 1e-4 and "rollout_train_mismatch" not in r
         for key in ("time_wait_rollout", "time_wait_train", "time_generate", "rollout_tokens_per_s", "tokens_per_s"):
             assert r[key] >= 0, key
         for step, (trajectories, _) in run["trained"].items():
@@ -316,8 +325,6 @@ def test_overlapped_resume_after_a_crash_and_a_killed_server_continue_exactly(ti
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-8), a["step"]
         assert b["drift_abs_mean"] == pytest.approx(a["drift_abs_mean"], rel=1e-5, abs=1e-8), a["step"]
     assert records[3]["resampled_trajectories"] == 4  # the killed server's step was sampled again, once
-    with pytest.raises(ValueError, match="needs reuse.old_logprobs='rollout'"):
-        load_config(whole, ["reuse.old_logprobs=recompute"])
 
 
 def test_unknown_config_keys_and_bad_layouts_are_errors(tiny, tmp_path):

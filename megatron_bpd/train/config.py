@@ -59,7 +59,7 @@ class RolloutSettings:
     the experiments, with ``loss.kind: sft``). ``api_key``: the servers' ``--api-key`` (None: $SGLANG_API_KEY if
     set; embedded servers are started with it); never printed. ``max_staleness`` k: step s trains on rollouts
     sampled with the weights of step s - k, generated while the trainer trains the steps before (0: the
-    synchronous loop; k > 0 needs reuse.old_logprobs "rollout")."""
+    synchronous loop; with k > 0 see reuse.old_logprobs for which policy the loss and the gate take as pi_old)."""
 
     servers: List[str] = field(default_factory=lambda: ["embedded"])
     policy: str = "student"
@@ -104,9 +104,14 @@ class TeacherSettings:
 @dataclass
 class ReuseSettings:
     """Each rollout batch trains ``epochs`` x ``minibatches`` optimizer steps (the paper: 2 epochs).
-    ``old_logprobs``: "recompute" with the current weights before the first update (default; the behavior policy's
-    only when the rollout was sampled with them, i.e. rollout.max_staleness 0) or "rollout" (the server's behavior
-    log-probs: the policy that sampled, also when it is k versions old, so that the gate measures the true drift)."""
+    ``old_logprobs``, the pi_old of the advantage, the PPO ratio and the gate's drift: "recompute" (default) with
+    the current weights before the first update, or "rollout" (the server's behavior log-probs). With
+    rollout.max_staleness 0 the two are the same policy. With overlapped rollouts (k > 0) "rollout" is the policy that
+    sampled, k versions old (the paper's pi_old: the gate sees the whole drift since sampling, and the advantage
+    lp_teach - lp_old lags the student by k versions); "recompute" is the proximal policy (decoupled PPO's name for
+    it; what RL frameworks recompute when they do not train on the engine's log-probs): the advantage is the
+    current student's, and the gate sees only the drift within the step (``behavior_drift_abs_mean`` logs the drift
+    since sampling)."""
 
     epochs: int = 2
     minibatches: int = 1
@@ -152,10 +157,6 @@ class TrainConfig:
                 raise ValueError("eval.every > 0 needs eval.prompts (a held-out prompts JSONL with answers)")
             if self.data.answer_checker == "none":
                 raise ValueError("eval.every > 0 needs data.answer_checker ('math' or 'arithmetic') to score answers")
-        if self.rollout.max_staleness > 0 and self.reuse.old_logprobs != "rollout":
-            raise ValueError(f"rollout.max_staleness={self.rollout.max_staleness} needs reuse.old_logprobs='rollout': "
-                             f"'recompute' would take the current weights, not the older ones that sampled, as the "
-                             f"behavior policy")
 
     def describe(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False)

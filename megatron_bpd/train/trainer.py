@@ -45,7 +45,7 @@ from .setup import lr_scheduler, wrap_for_training, zero_grads
 UPDATE_METRICS = ["loss", "pg_clipfrac", "dual_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min",
                   "gate_max", "gate_std", "frac_gate_below_half", "drift_mean", "drift_abs_mean",
                   "segment_drift_abs_mean", "lr", "grad_norm"]
-ROLLOUT_METRICS = ["rollout_train_mismatch"]
+ROLLOUT_METRICS = ["rollout_train_mismatch", "behavior_drift_abs_mean"]
 
 
 class Trainer:
@@ -286,10 +286,15 @@ class Trainer:
         data.old_logprobs = {b: s["lp"] for b, s in scores.items()}
         on_policy = self.config.rollout.policy == "student"  # else the behavior log-probs are the teacher's
         if on_policy and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+            versions = data.trajectories.weight_version
             for b, lp in data.old_logprobs.items():
                 mask = data.response_mask(b)
                 if mask.any():
-                    sums.add("rollout_train_mismatch", (lp - behavior[b])[mask].abs().mean().item(), mask.sum().item())
+                    # sampled with these weights: any difference is a rollout/train mismatch; sampled k versions
+                    # back (overlapped rollouts): it is the drift since sampling, which this mode does not gate
+                    fresh = self.config.rollout.max_staleness == 0 or int(versions[b]) == self.step
+                    sums.add("rollout_train_mismatch" if fresh else "behavior_drift_abs_mean",
+                             (lp - behavior[b])[mask].abs().mean().item(), mask.sum().item())
 
     def _megatron_teacher_scores(self, data: RolloutData) -> Optional[TeacherScores]:
         """The in-trainer teacher's log-probs of the sampled tokens and its top-K (on the last stage)."""
