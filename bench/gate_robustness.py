@@ -176,6 +176,9 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
         "teacher": before.get("teacher"), "support_kl": after.get("support_kl"),
         "drift_abs_mean": float(np.mean(series("drift_abs_mean"))),
         "drift_abs_max_step": float(np.max(series("drift_abs_mean"))),
+        # with a proximal pi_old under staleness: the drift since sampling, which drift_abs_mean then does not hold
+        "behavior_drift_abs_mean": float(np.mean(series("behavior_drift_abs_mean")))
+        if series("behavior_drift_abs_mean") else None,
         "gate_min": float(np.min(series("gate_min"))), "gate_std": float(np.mean(series("gate_std"))),
         "curve": [{"step": e["step"], "greedy": e["student"]["greedy"], "pass1": e["student"]["pass1"]}
                   for e in run["evals"]],
