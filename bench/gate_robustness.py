@@ -97,6 +97,9 @@ class Config:
 
 BASE = Config()
 HEAVY = replace(BASE, epochs=2, minibatches=4)  # 8 updates per rollout batch: where drift has room to grow
+# where both losses lift the student by > 0.2 in 40 steps (docs/results/opd_regime.md): 8 updates per rollout at
+# lr 1e-4, and the sampled-token loss with advantage clamp 1 (LSM and SFT have no advantage)
+WORKING = replace(HEAVY, lr=1e-4)
 SWEEPS = {
     "variants": [replace(BASE, loss=loss, gate=gate) for loss in ("sampled_token", "topk_lsm")
                  for gate in ("none", f"block{BLOCK}", "newline")] + [replace(BASE, loss="sft")],
@@ -114,6 +117,10 @@ SWEEPS = {
     # the clamp, -5, against ~+0.1 on right ones); compared with the default clamp, not with a gate
     "advantage": [replace(HEAVY, lr=1e-4, adv_clip=clip) for clip in (5.0, 1.0)]
     + [replace(HEAVY, lr=1e-4, loss="sft")],  # the control at the same schedule: SFT on teacher samples
+    # the paper's six variants and the control in the working regime (run with --steps 40, into its own --out)
+    "working": [replace(WORKING, loss=loss, gate=gate, adv_clip=1.0 if loss == "sampled_token" else Config.adv_clip)
+                for loss in ("sampled_token", "topk_lsm") for gate in ("none", f"block{BLOCK}", "newline")]
+    + [replace(WORKING, loss="sft")],
 }
 QUICK = [replace(BASE, gate=f"block{BLOCK}", staleness=1), replace(BASE, loss="topk_lsm", gate="newline")]
 
@@ -201,17 +208,17 @@ def per_seed(rows, config: Config, key: str) -> dict:
 
 
 def reference(config: Config) -> Config | None:
-    """What a configuration is compared with, seed by seed: one with dual clipping, a proximal pi_old or another
-    advantage clamp with the same configuration without (the defaults), a gated one with the same configuration
-    ungated; None for the rest."""
+    """What a configuration is compared with, seed by seed: a gated one with the same configuration ungated; an
+    ungated one with dual clipping, a proximal pi_old or another advantage clamp with the same configuration
+    without (the defaults); None for the rest."""
+    if config.gate != "none" and config.loss != "sft":
+        return replace(config, gate="none", tau=1.0, normalize=True)
     if config.dual_clip is not None:
         return replace(config, dual_clip=None)
     if config.proximal:
         return replace(config, proximal=False)
     if config.adv_clip != Config.adv_clip:
         return replace(config, adv_clip=Config.adv_clip)
-    if config.gate != "none" and config.loss != "sft":
-        return replace(config, gate="none", tau=1.0, normalize=True)
     return None
 
 
