@@ -302,9 +302,13 @@ def plot_trace(run_dir: Path, title: str, path: Path) -> None:
 
 
 def traced_runs(runs: dict) -> dict:
-    """The runs whose gate trace the report draws: {file name: (config, seed)}, the gated sampled-token run (else
-    any run) with the most updates per rollout at its lowest lr ("gate_trace.png") and, when another, at its highest
-    ("gate_trace_high_lr.png"); the lowest seed."""
+    """The runs whose gate trace the report draws: {file name: (config, seed)}, among the runs with a trace the
+    gated sampled-token run (else any run) with the most updates per rollout at its lowest lr ("gate_trace.png")
+    and, when another, at its highest ("gate_trace_high_lr.png"); the lowest seed. {} when no run has a trace."""
+    runs = {key: run for key, run in runs.items() if (Path(run["dir"]) / "gate_trace.jsonl").exists()}
+    if not runs:
+        return {}
+
     def rank(key):
         config, seed = key
         return (config.loss == "sampled_token" and config.gate != "none", config.updates, config.staleness == 0, -seed)
@@ -344,17 +348,22 @@ def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    reuse = {c for name in ("reuse", "variants", "block") for c in sweeps.get(name, []) if c.gate == "none"
-             and c.loss == "sampled_token"}
-    for c in sorted(reuse, key=lambda c: (c.updates, c.lr)):
-        curves = [drift_by_block(read_trace(runs[(c, s)]["dir"])) for (cc, s) in runs if cc == c]
-        curves = [v for v in curves if len(v)]
-        if curves:
-            n = min(map(len, curves))
-            ax.plot(range(n), np.mean([v[:n] for v in curves], axis=0), marker="o",
-                    label=f"{c.epochs} x {c.minibatches} updates, lr {c.lr:g}")
+    # ungated sampled-token runs without staleness; a sweep whose ungated runs carry no trace (the working sweep
+    # shares them with bench/opd_regime.py) shows its Block16 runs instead
+    synchronous = {c for name in ("reuse", "variants", "block", "working") for c in sweeps.get(name, [])
+                   if c.loss == "sampled_token" and c.staleness == 0 and c.gate in ("none", f"block{BLOCK}")}
+    for gate in ("none", f"block{BLOCK}"):
+        for c in sorted((c for c in synchronous if c.gate == gate), key=lambda c: (c.updates, c.lr)):
+            curves = [drift_by_block(read_trace(runs[(c, s)]["dir"])) for (cc, s) in runs if cc == c]
+            curves = [v for v in curves if len(v)]
+            if curves:
+                n = min(map(len, curves))
+                ax.plot(range(n), np.mean([v[:n] for v in curves], axis=0), marker="o",
+                        label=f"{c.epochs} x {c.minibatches} updates, lr {c.lr:g}")
+        if ax.lines:
+            break
     ax.set(xlabel=f"block index along the response (B = {BLOCK})", ylabel="mean |block drift| (nats/token)",
-           title="drift by position in the response (sampled-token OPD, no gate)")
+           title=f"drift by position in the response (sampled-token OPD, {'no gate' if gate == 'none' else gate})")
     if ax.lines:
         ax.set_yscale("log")  # drift spans orders of magnitude between a helpful and a collapsing lr
         ax.legend(fontsize=8)
@@ -383,8 +392,8 @@ def report(summary: dict, runs: dict, sweeps: dict, args, command: str, samples:
     rows = summary["runs"]
     first = rows[0]
     teacher = first["teacher"] or {}
-    trace_high = "\n![gate trace at a high lr](gate_trace_high_lr.png)\n" if "gate_trace_high_lr.png" in \
-        traced_runs(runs) else ""
+    titles = {"gate_trace.png": "gate trace", "gate_trace_high_lr.png": "gate trace at a high lr"}
+    traces = "".join(f"\n![{titles[name]}]({name})\n" for name in traced_runs(runs))
     sections = "\n\n".join(f"### {name}\n\n{sweep_table(name, configs, summary, samples)}"
                            for name, configs in sweeps.items())
     return f"""# Gate robustness sweeps: results
@@ -413,9 +422,7 @@ pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: gr
 ![sweeps](sweeps.png)
 
 ![drift by block](drift_by_block.png)
-
-![gate trace](gate_trace.png)
-{trace_high}"""
+{traces}"""
 
 
 def main(argv=None):
