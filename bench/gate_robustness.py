@@ -196,7 +196,7 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
 def summarize(runs: dict, sweeps: dict, samples: int) -> dict:
     rows = [row(config, seed, run, samples) for (config, seed), run in runs.items()]
     table = {}
-    for config in {c for configs in sweeps.values() for c in configs}:
+    for config in dict.fromkeys(c for configs in sweeps.values() for c in configs):  # sweep order, once each
         mine = [r for r in rows if r["config"] == config.name]
         table[config.name] = {key: mean_std([r[key] for r in mine]) for key in
                               ("greedy", "pass1", f"pass{samples}", "drift_abs_mean", "gate_min", "gate_std")}
