@@ -170,6 +170,7 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
     before, after = run["evals"][0], run["evals"][-1]
     metrics = run["metrics"]
     series = lambda key: [m[key] for m in metrics if key in m]  # noqa: E731
+    behavior_drift = series("behavior_drift_abs_mean")
     granularity, block = config.granularity()
     return {
         "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,
@@ -184,8 +185,7 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
         "drift_abs_mean": float(np.mean(series("drift_abs_mean"))),
         "drift_abs_max_step": float(np.max(series("drift_abs_mean"))),
         # with a proximal pi_old under staleness: the drift since sampling, which drift_abs_mean then does not hold
-        "behavior_drift_abs_mean": float(np.mean(series("behavior_drift_abs_mean")))
-        if series("behavior_drift_abs_mean") else None,
+        "behavior_drift_abs_mean": float(np.mean(behavior_drift)) if behavior_drift else None,
         "gate_min": float(np.min(series("gate_min"))), "gate_std": float(np.mean(series("gate_std"))),
         "curve": [{"step": e["step"], "greedy": e["student"]["greedy"], "pass1": e["student"]["pass1"]}
                   for e in run["evals"]],
