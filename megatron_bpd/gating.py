@@ -179,14 +179,14 @@ class SegmentPlan:
 
     ``segment_ids`` (the input's shape, int64): the segment of each position, -1 where ungated (prompt).
     ``sequence_of_segment`` [S]: the sequence each segment belongs to. ``longest_segment``: the most positions
-    of any segment. Under context parallelism every rank takes its share of ``segment_ids`` with the same split as
-    the tokens (``megatron_bpd.parallel``).
+    of any segment (None in the local plan of one chunk, which only gates). Under context parallelism every rank
+    takes its share of ``segment_ids`` with the same split as the tokens (``megatron_bpd.parallel``).
     """
 
     segment_ids: torch.Tensor
     sequence_of_segment: torch.Tensor
     num_sequences: int
-    longest_segment: int
+    longest_segment: Optional[int] = None
 
     @property
     def num_segments(self) -> int:
@@ -336,9 +336,8 @@ def raw_chunk_gates(cur_logprobs, old_logprobs, loss_mask, segment_ids, config: 
     valid = ids >= 0
     lo = ids[valid].min() if bool(valid.any()) else ids.new_zeros(())
     local = torch.where(valid, ids - lo, -1)
-    sizes = torch.bincount(local[valid])  # positions per segment of the chunk
-    plan = SegmentPlan(local, torch.zeros(sizes.numel(), dtype=torch.int64), 1,
-                       int(sizes.max()) if sizes.numel() else 0)
+    num = int(local.max()) + 1 if local.numel() else 0  # segments of the chunk
+    plan = SegmentPlan(local, torch.zeros(num, dtype=torch.int64), 1)
     return gates_for_segments(cur_logprobs, old_logprobs, loss_mask, local, plan,
                               dataclasses.replace(config, normalize=False))[0]
 
