@@ -319,8 +319,8 @@ def traced_runs(runs: dict) -> dict:
     return {"gate_trace.png": low} | ({"gate_trace_high_lr.png": high} if high[0].lr != low[0].lr else {})
 
 
-def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path) -> list:
-    """sweeps.png (pass@1 per configuration of each sweep, seeds as dots) and drift_by_block.png; returns names."""
+def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path) -> None:
+    """sweeps.png (pass@1 per configuration of each sweep, seeds as dots) and drift_by_block.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,7 +370,43 @@ def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path
     fig.tight_layout()
     fig.savefig(out / "drift_by_block.png", dpi=110)
     plt.close(fig)
-    return ["sweeps.png", "drift_by_block.png"]
+
+
+def plot_gate_effect(summary: dict, sweeps: dict, out: Path) -> None:
+    """gate_effect.png: per sweep, each gated configuration's pass@1 minus the same configuration without a gate,
+    paired by seed (dots: seeds; bar: mean ± std), against zero."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["runs"]
+    panels = {}
+    for name, configs in sweeps.items():
+        for c in configs:
+            if c.gate != "none" and c.loss != "sft":
+                p = paired(per_seed(rows, c, "pass1"), per_seed(rows, reference(c), "pass1"))
+                if p:
+                    panels.setdefault(name, []).append((c, p["diffs"]))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(1.5 + 3.2 * max(1, len(panels)), 4.6), squeeze=False,
+                             sharey=True)
+    for ax, (name, entries) in zip(axes[0], panels.items()):
+        for x, (c, diffs) in enumerate(entries):
+            ax.scatter([x] * len(diffs), diffs, s=14, color="gray")
+            ax.errorbar(x, np.mean(diffs), yerr=np.std(diffs, ddof=1) if len(diffs) > 1 else 0, fmt="o",
+                        color="C1", capsize=3)
+        ax.axhline(0, color="black", linewidth=0.8)
+        labels = [f"{'lsm ' if c.loss == 'topk_lsm' else ''}{c.gate}{f' tau{c.tau:g}' if c.tau != 1 else ''}"
+                  f"{'' if c.normalize else ' raw'} {c.epochs}x{c.minibatches} lr{c.lr:g}"
+                  f"{f' k{c.staleness}' if c.staleness else ''}" for c, _ in entries]
+        ax.set_xticks(range(len(entries)), labels, fontsize=7, rotation=90)
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("gated - ungated pass@1 (paired by seed)")
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no gated run with its ungated pair", ha="center", transform=axes[0][0].transAxes)
+    fig.tight_layout()
+    fig.savefig(out / "gate_effect.png", dpi=110)
+    plt.close(fig)
 
 
 def missing_note(summary: dict, sweeps: dict, seeds) -> str:
@@ -421,6 +457,8 @@ pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: gr
 
 ![sweeps](sweeps.png)
 
+![gate effect, paired by seed](gate_effect.png)
+
 ![drift by block](drift_by_block.png)
 {traces}"""
 
@@ -459,6 +497,7 @@ def main(argv=None):
                        "sweeps": {name: [asdict(c) | {"name": c.name} for c in cs] for name, cs in sweeps.items()}}
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     plot_sweeps(summary, runs, sweeps, args.eval_samples, args.out)
+    plot_gate_effect(summary, sweeps, args.out)
     for name, (traced, seed) in traced_runs(runs).items():
         plot_trace(runs[(traced, seed)]["dir"], f"{traced.label}, {traced.epochs} x {traced.minibatches} updates, "
                    f"lr {traced.lr:g}, seed {seed}", args.out / name)

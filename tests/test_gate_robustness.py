@@ -34,7 +34,8 @@ def test_quick_writes_consistent_results(tmp_path):
     assert not (ROOT / "docs" / "results" / "gate_quick").exists()
 
     bench.main(["--quick", "--out", str(tmp_path)])
-    for name in ("report.md", "results.json", "sweeps.png", "drift_by_block.png", "gate_trace.png"):
+    for name in ("report.md", "results.json", "sweeps.png", "gate_effect.png", "drift_by_block.png",
+                 "gate_trace.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["meta"]["missing_runs"] == []
