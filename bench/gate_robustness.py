@@ -57,13 +57,14 @@ class Config:
     normalize: bool = True  # gate.normalize: False keeps the raw gates (<= 1), so drift shrinks the update
     dual_clip: float | None = None  # loss.dual_clip: dual-clip PPO's c (None: off)
     proximal: bool = False  # under staleness, pi_old = the weights before the step (reuse.old_logprobs "recompute")
+    behavior_cap: float | None = None  # with proximal: decoupled PPO's pi_old / pi_behavior weight, truncated here
 
     @property
     def name(self) -> str:
         adv = "" if self.adv_clip == Config.adv_clip else f"-adv{self.adv_clip:g}"
         raw = "" if self.normalize else "-raw"
         dual = "" if self.dual_clip is None else f"-dual{self.dual_clip:g}"
-        prox = "-prox" if self.proximal else ""
+        prox = ("-prox" if self.proximal else "") + ("" if self.behavior_cap is None else f"-bw{self.behavior_cap:g}")
         return (f"{self.loss}-{self.gate}-tau{self.tau:g}-e{self.epochs}m{self.minibatches}-lr{self.lr:g}"
                 f"-k{self.staleness}{adv}{raw}{dual}{prox}")
 
@@ -73,7 +74,8 @@ class Config:
         adv = "" if self.adv_clip == Config.adv_clip else f", advantage clamp {self.adv_clip:g}"
         raw = "" if self.normalize else " (not normalized)"
         dual = "" if self.dual_clip is None else f", dual clip {self.dual_clip:g}"
-        prox = ", proximal pi_old" if self.proximal else ""
+        prox = (", proximal pi_old" if self.proximal else "") + \
+            ("" if self.behavior_cap is None else f", behavior weight cap {self.behavior_cap:g}")
         return LOSS_LABELS[self.loss] + gate + raw + adv + dual + prox
 
     def gate_section(self) -> dict:
@@ -109,7 +111,9 @@ SWEEPS = {
     + [replace(BASE, gate=f"block{BLOCK}", staleness=4, normalize=False),  # raw gates: can drift shrink the step?
        replace(BASE, staleness=4, dual_clip=3.0),  # or is it PPO's unbounded push-down of stale negatives?
        # or the advantage lp_teach - lp_old with a k-versions-old lp_old, lagging the student (delayed feedback)?
-       replace(BASE, staleness=2, proximal=True), replace(BASE, staleness=4, proximal=True)],
+       replace(BASE, staleness=2, proximal=True), replace(BASE, staleness=4, proximal=True),
+       # and the stale samples themselves: decoupled PPO, each sample weighted by pi_old / pi_behavior (cap 2)
+       replace(BASE, staleness=4, proximal=True, behavior_cap=2.0)],
     "block": [replace(HEAVY, gate=gate) for gate in ("none", "token", "block4", "block8", "block16", "block32",
                                                      "block64", "sequence", "newline")],
     "tau": [replace(HEAVY, gate=f"block{BLOCK}", tau=tau) for tau in (0.5, 1.0, 2.0, 4.0)],
@@ -136,7 +140,7 @@ def task_run(config: Config, args, run_dir: Path, seed: int) -> TaskRun:
                    gate={"granularity": "none"} if config.loss == "sft" else config.gate_section(),
                    steps=args.steps, seed=seed, lr=config.lr, epochs=config.epochs, minibatches=config.minibatches,
                    staleness=config.staleness, adv_clip=config.adv_clip, dual_clip=config.dual_clip,
-                   old_logprobs="recompute" if config.proximal else None,
+                   old_logprobs="recompute" if config.proximal else None, behavior_weight_cap=config.behavior_cap,
                    eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples,
                    gate_trace=TRACED)
 
@@ -170,13 +174,14 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
     before, after = run["evals"][0], run["evals"][-1]
     metrics = run["metrics"]
     series = lambda key: [m[key] for m in metrics if key in m]  # noqa: E731
-    behavior_drift = series("behavior_drift_abs_mean")
+    behavior_drift, behavior_weight = series("behavior_drift_abs_mean"), series("behavior_weight_mean")
     granularity, block = config.granularity()
     return {
         "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,
         "block_size": block, "tau": config.tau, "reuse_epochs": config.epochs, "minibatches": config.minibatches,
         "updates": config.updates, "lr": config.lr, "staleness": config.staleness, "adv_clip": config.adv_clip,
-        "normalize": config.normalize, "dual_clip": config.dual_clip, "proximal": config.proximal, "seed": seed,
+        "normalize": config.normalize, "dual_clip": config.dual_clip, "proximal": config.proximal,
+        "behavior_cap": config.behavior_cap, "seed": seed,
         "greedy": after["student"]["greedy"], "pass1": after["student"]["pass1"],
         f"pass{samples}": after["student"].get(f"pass{samples}"),
         "greedy_before": before["student"]["greedy"], "pass1_before": before["student"]["pass1"],
@@ -186,6 +191,7 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
         "drift_abs_max_step": float(np.max(series("drift_abs_mean"))),
         # with a proximal pi_old under staleness: the drift since sampling, which drift_abs_mean then does not hold
         "behavior_drift_abs_mean": float(np.mean(behavior_drift)) if behavior_drift else None,
+        "behavior_weight_mean": float(np.mean(behavior_weight)) if behavior_weight else None,
         "gate_min": float(np.min(series("gate_min"))), "gate_std": float(np.mean(series("gate_std"))),
         "curve": [{"step": e["step"], "greedy": e["student"]["greedy"], "pass1": e["student"]["pass1"]}
                   for e in run["evals"]],
@@ -210,11 +216,14 @@ def per_seed(rows, config: Config, key: str) -> dict:
 def reference(config: Config) -> Config | None:
     """What a configuration is compared with, seed by seed: a gated one with the same configuration ungated; an
     ungated one with dual clipping, a proximal pi_old or another advantage clamp with the same configuration
-    without (the defaults); None for the rest."""
+    without (the defaults), and a decoupled one (the behavior weight) with the same proximal run without the weight;
+    None for the rest."""
     if config.gate != "none" and config.loss != "sft":
         return replace(config, gate="none", tau=1.0, normalize=True)
     if config.dual_clip is not None:
         return replace(config, dual_clip=None)
+    if config.behavior_cap is not None:
+        return replace(config, behavior_cap=None)
     if config.proximal:
         return replace(config, proximal=False)
     if config.adv_clip != Config.adv_clip:
@@ -445,7 +454,8 @@ Made by:
 the same configuration without a gate, and for a run with dual clipping, a proximal pi_old or another advantage
 clamp the run minus the same configuration with the defaults (the same seed: the same prompts and rollout seeds at
 step 0). "Proximal pi_old": under staleness k, pi_old is the weights before the step (reuse.old_logprobs
-"recompute"), not the policy that sampled k versions before.
+"recompute"), not the policy that sampled k versions before; "behavior weight cap c" adds decoupled PPO's weight
+min(pi_old / pi_behavior, c) per position (loss.behavior_weight_cap), compared with the proximal run without it.
 
 Base student: greedy {first['greedy_before']:.3f}, pass@1 {first['pass1_before']:.3f},
 pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: greedy

@@ -64,6 +64,27 @@ def sampled_token_opd_loss(cur_logprobs: torch.Tensor, old_logprobs: torch.Tenso
     return loss, _ppo_metrics(terms, mask, dual_clip)
 
 
+def behavior_weights(old_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, loss_mask: torch.Tensor,
+                     cap: float) -> Tuple[torch.Tensor, dict]:
+    """Decoupled PPO's importance weight of the sampler, truncated: w_t = min(exp(lp_old_t - lp_behavior_t), cap)
+    (0 where masked; detached), for stale samples (pi_behavior, k versions old) trained with a proximal pi_old
+    (the weights before the step) in the advantage and the clip; the loss takes w_t like a gate. ``(w, metrics)``
+    with the 0-d ``behavior_weight_mean`` and ``behavior_weight_capped_frac`` over the valid positions. Inputs
+    ``[...]`` of one shape."""
+    if not cap > 0:
+        raise ValueError(f"the behavior weight cap must be > 0, got {cap}")
+    mask = loss_mask != 0
+    _check_same_shape(old_logprobs=old_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=mask)
+    old, behavior = _upcast(old_logprobs.detach()), _upcast(behavior_logprobs.detach())
+    for name, values in (("old_logprobs", old), ("behavior_logprobs", behavior)):
+        _check_finite(name, values, mask)
+    ratio = torch.exp(torch.where(mask, old - behavior, 0.0))
+    weights = torch.where(mask, ratio.clamp(max=cap), 0.0)
+    count = mask.sum().clamp(min=1)
+    return weights, dict(behavior_weight_mean=weights.sum() / count,
+                         behavior_weight_capped_frac=((ratio > cap) & mask).sum() / count)
+
+
 def sampled_token_metrics(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
                           loss_mask: torch.Tensor, clip_eps: Tuple[float, float] = (0.2, 0.2),
                           adv_clip: float = 5.0, dual_clip: Optional[float] = None) -> dict:

@@ -32,6 +32,12 @@ def dual_clip(gate, kind):
     return 1.5 if kind == "sampled_token" and gate is GATES[2] else None
 
 
+def behavior_cap(gate, kind):
+    """The sampled-token loss with the first gate is also decoupled PPO: each position's loss times
+    min(exp(lp_old - lp_behavior), 1.5) (the cap binds at some positions), on both heads and every layout."""
+    return 1.5 if kind == "sampled_token" and gate is GATES[0] else None
+
+
 def make_batch():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(B, S, H, generator=g)
@@ -45,8 +51,10 @@ def make_batch():
     teacher_logits = torch.randn(B, S, V, generator=g) * 3
     teacher = torch.log_softmax(teacher_logits, -1)
     top = teacher.topk(K, -1)
+    behavior = old + 0.3 * torch.randn(B, S, generator=g)  # a sampler some versions behind pi_old
     return dict(hidden=hidden, weight=weight, logits=logits, labels=labels, starts=starts, mask=mask, old=old,
-                teacher=teacher.gather(-1, labels[..., None])[..., 0], top_ids=top.indices, top_lp=top.values)
+                teacher=teacher.gather(-1, labels[..., None])[..., 0], top_ids=top.indices, top_lp=top.values,
+                behavior=behavior)
 
 
 def reference(data, gate, kind):
@@ -72,8 +80,12 @@ def reference(data, gate, kind):
         if kind == "sft":
             loss = -(cur * data["mask"][rows]).sum() / num_tokens
         elif kind == "sampled_token":
+            weights = gates.double()
+            if behavior_cap(gate, kind) is not None:
+                weights = weights * (data["old"][rows] - data["behavior"][rows]).double().exp().clamp(
+                    max=behavior_cap(gate, kind))
             loss, _ = sampled_token_opd_loss(cur, data["old"][rows].double(), data["teacher"][rows].double(),
-                                             data["mask"][rows], gates, num_tokens=num_tokens,
+                                             data["mask"][rows], weights, num_tokens=num_tokens,
                                              dual_clip=dual_clip(gate, kind))
         else:
             student = logits[rows].gather(-1, data["top_ids"][rows])
@@ -110,7 +122,8 @@ def _layout_results(tp, cp):
     weight_shard = data["weight"][vocab].clone().requires_grad_()
     out = {}
     for (gate, kind), head in itertools.product(CASES, HEADS):
-        config = LossConfig(kind=kind, gate=gate, chunk_tokens=CHUNK, dual_clip=dual_clip(gate, kind))
+        config = LossConfig(kind=kind, gate=gate, chunk_tokens=CHUNK, dual_clip=dual_clip(gate, kind),
+                            behavior_weight_cap=behavior_cap(gate, kind))
 
         def local(rows, cfg):
             """(this rank's share of the micro-batch, its head: logits [b, s/cp, V/tp] or HiddenStates)"""
@@ -118,7 +131,8 @@ def _layout_results(tp, cp):
             batch = MicroBatch(tokens=data["labels"][rows], labels=data["labels"][rows],
                                loss_mask=data["mask"][rows], old_logprobs=data["old"][rows],
                                segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=data["teacher"][rows],
-                               teacher_topk_ids=data["top_ids"][rows], teacher_topk_logprobs=data["top_lp"][rows])
+                               teacher_topk_ids=data["top_ids"][rows], teacher_topk_logprobs=data["top_lp"][rows],
+                               behavior_logprobs=data["behavior"][rows])
             if head == "logits":
                 inputs = data["logits"][rows][:, positions, vocab].clone().requires_grad_()
             else:

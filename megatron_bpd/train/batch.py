@@ -19,7 +19,9 @@ class MicroBatch:
     student); old_logprobs: ``[b, s]`` log-probs of the labels under the behavior student; segment_ids: ``[b, s]``
     the gate's segments (``plan.segment_ids`` or a CP rank's share of it); teacher_logprobs ``[b, s]`` (sampled-token
     loss) or teacher_topk_ids / teacher_topk_logprobs ``[b, s, K]`` (LSM loss); train_mask ``[b, s]`` bool: the
-    positions the loss trains on when a filter (the top-entropy one) keeps only some of ``loss_mask`` (None: all).
+    positions the loss trains on when a filter (the top-entropy one) keeps only some of ``loss_mask`` (None: all);
+    behavior_logprobs ``[b, s]``: the sampler's log-probs when ``old_logprobs`` are the proximal policy's (the
+    decoupled PPO weight, ``loss.behavior_weight_cap``; None: not needed).
     """
 
     tokens: torch.Tensor
@@ -33,6 +35,7 @@ class MicroBatch:
     teacher_topk_ids: Optional[torch.Tensor] = None
     teacher_topk_logprobs: Optional[torch.Tensor] = None
     train_mask: Optional[torch.Tensor] = None
+    behavior_logprobs: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.position_ids is None:
@@ -63,4 +66,4 @@ class MicroBatch:
 
 
 _PER_POSITION = ("tokens", "labels", "loss_mask", "old_logprobs", "segment_ids", "position_ids", "teacher_logprobs",
-                 "teacher_topk_ids", "teacher_topk_logprobs", "train_mask")
+                 "teacher_topk_ids", "teacher_topk_logprobs", "train_mask", "behavior_logprobs")

@@ -150,6 +150,11 @@ class TrainConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self):
+        if self.loss.behavior_weight_cap is not None and (self.reuse.old_logprobs != "recompute"
+                                                          or self.rollout.policy != "student"):
+            raise ValueError("loss.behavior_weight_cap weighs the student's samples by pi_old / pi_behavior with a "
+                             "recomputed (proximal) pi_old: it needs reuse.old_logprobs 'recompute' and "
+                             f"rollout.policy 'student', got {self.reuse.old_logprobs!r} and {self.rollout.policy!r}")
         if self.gate_trace < 0:
             raise ValueError(f"gate_trace must be >= 0 (trajectories traced per step), got {self.gate_trace}")
         if self.eval.every:

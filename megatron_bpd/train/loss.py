@@ -14,7 +14,8 @@ head recomputes the logits in its backward.
 
 Two options of the LSM reference code: ``tail`` appends the sampled token to the support where the teacher's top-K
 misses it, and the top-entropy filter (``MicroBatch.train_mask``, chosen by the trainer over the whole mini-batch)
-restricts the loss positions.
+restricts the loss positions. Under overlapped rollouts ``behavior_weight_cap`` makes the sampled-token loss
+decoupled PPO: each position's loss also carries the truncated weight pi_old / pi_behavior of the stale sampler.
 """
 
 import dataclasses
@@ -25,8 +26,8 @@ import torch
 import torch.distributed
 
 from ..gating import GateConfig, gates_for_segments, normalization_factor, raw_chunk_gates, segment_starts
-from ..losses import (EPS, gated_mean, sampled_token_metrics, sampled_token_opd_loss, sampled_token_position_losses,
-                      top_entropy_mask)
+from ..losses import (EPS, behavior_weights, gated_mean, sampled_token_metrics, sampled_token_opd_loss,
+                      sampled_token_position_losses, top_entropy_mask)
 from ..parallel.context_parallel import group_sum
 from ..vocab_parallel import (fused_linear_logprobs, fused_linear_lsm_loss, fused_linear_token_loss, logprobs_at,
                               topk_lsm_loss_parallel)
@@ -62,6 +63,10 @@ class LossConfig:
     # (losses.top_entropy_mask over all micro-batches and DP/CP ranks; the loss is normalized by the kept count and
     # the gates stay normalized over all valid positions). 1.0: every position.
     top_entropy_fraction: float = 1.0
+    # decoupled PPO (sampled-token loss, with reuse.old_logprobs "recompute": pi_old is the proximal policy): each
+    # position's loss times w_t = min(pi_old / pi_behavior, cap), the sampler's importance weight truncated at cap
+    # (losses.behavior_weights); None: off (stale samples are trained as if the proximal policy had drawn them).
+    behavior_weight_cap: Optional[float] = None
 
     def __post_init__(self):
         if self.kind not in LOSSES:
@@ -71,6 +76,9 @@ class LossConfig:
         self.clip_eps = tuple(self.clip_eps)
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"loss.dual_clip must be > 1 (or null for off), got {self.dual_clip}")
+        if self.behavior_weight_cap is not None and (self.kind != "sampled_token" or not self.behavior_weight_cap > 0):
+            raise ValueError(f"loss.behavior_weight_cap must be > 0 and needs the sampled_token loss, got "
+                             f"{self.behavior_weight_cap} with {self.kind!r}")
         if self.kind == "sft" and self.gate.granularity != "none":
             raise ValueError(f"the sft loss takes no gate (gate.granularity must be 'none', got "
                              f"{self.gate.granularity!r})")
@@ -118,9 +126,15 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
     mask = batch.loss_mask if batch.train_mask is None else batch.train_mask
     if config.kind == "sampled_token" and batch.teacher_logprobs is None:
         raise ValueError("the sampled_token loss needs MicroBatch.teacher_logprobs")
+    weights, weight_metrics = None, {}
+    if config.behavior_weight_cap is not None:
+        if batch.behavior_logprobs is None:
+            raise ValueError("loss.behavior_weight_cap needs MicroBatch.behavior_logprobs")
+        weights, weight_metrics = behavior_weights(batch.old_logprobs, batch.behavior_logprobs, batch.loss_mask,
+                                                   config.behavior_weight_cap)
     in_forward = config.kind != "topk_lsm" and gradient_in_forward(logits, batch, config, cp_group)
-    if in_forward:  # sum_t m_t g_t l_t with raw gates, its gradient taken in the forward
-        raw_sum, cur = _token_loss_in_forward(logits, batch, mask, tp_group, config)
+    if in_forward:  # sum_t m_t g_t w_t l_t with raw gates, its gradient taken in the forward
+        raw_sum, cur = _token_loss_in_forward(logits, batch, mask, tp_group, config, weights)
     else:
         cur = _logprobs(logits, batch.labels, tp_group, config)
     gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
@@ -136,8 +150,10 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
         elif config.kind == "sft":
             loss, metrics = gated_mean(-cur, mask, None, num_tokens), {}
         else:
-            loss, metrics = sampled_token_opd_loss(cur, *ppo, gates, config.clip_eps, config.adv_clip,
-                                                   num_tokens=num_tokens, dual_clip=config.dual_clip)
+            loss, metrics = sampled_token_opd_loss(cur, *ppo, gates if weights is None else gates * weights,
+                                                   config.clip_eps, config.adv_clip, num_tokens=num_tokens,
+                                                   dual_clip=config.dual_clip)
+        metrics.update(weight_metrics)
         if batch.teacher_topk_ids is not None:  # logged: how far the student is from the teacher on its support
             with torch.no_grad():
                 metrics["support_kl"] = _lsm_loss(logits, batch, mask, tp_group, config)[1]["support_kl"]
@@ -167,11 +183,14 @@ def gradient_in_forward(head: Union[torch.Tensor, HiddenStates], batch: MicroBat
     return batch.plan.longest_segment <= 4 * tokens_per_chunk(config.chunk_tokens, head.weight.shape[0])
 
 
-def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group, config: LossConfig):
-    """(sum_t m_t g_t l_t with the raw gates g_t of each chunk's segments, lp_cur ``[b, s]``) by
-    ``fused_linear_token_loss`` on chunks that start at segment starts."""
+def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group, config: LossConfig,
+                           weights: Optional[torch.Tensor] = None):
+    """(sum_t m_t g_t w_t l_t with the raw gates g_t of each chunk's segments and the behavior weights ``weights``
+    ``[b, s]`` (None: 1), lp_cur ``[b, s]``) by ``fused_linear_token_loss`` on chunks that start at segment
+    starts."""
     flat = {k: v.reshape(-1) for k, v in dict(mask=mask, valid=batch.loss_mask, old=batch.old_logprobs,
-                                               teacher=batch.teacher_logprobs, seg=batch.segment_ids).items()
+                                               teacher=batch.teacher_logprobs, seg=batch.segment_ids,
+                                               weight=weights).items()
             if v is not None}
     seg = flat["seg"]
     gated = config.kind == "sampled_token" and config.gate.granularity != "none"
@@ -185,6 +204,8 @@ def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group
                                                config.adv_clip, config.dual_clip)
         if gated:
             losses = losses * raw_chunk_gates(lp, flat["old"][part], flat["valid"][part], seg[part], config.gate)
+        if "weight" in flat:
+            losses = losses * flat["weight"][part].to(losses.dtype)
         return torch.where(m, losses, 0.0).sum()
 
     return fused_linear_token_loss(head.hidden, head.weight, batch.labels, token_loss, tp_group, config.temperature,

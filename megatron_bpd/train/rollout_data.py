@@ -38,13 +38,15 @@ def padded_length(data: RolloutData, rows: Sequence[int], multiple: int) -> int:
 
 
 def micro_batch(data: RolloutData, rows: Sequence[int], seq_len: int, gate: GateConfig, *, pad_id: int = 0,
-                newline_ids: Sequence[int] = (), with_old: bool = True) -> MicroBatch:
-    """The padded ``[len(rows), seq_len]`` micro-batch of trajectories ``rows`` (plan of the gate included)."""
+                newline_ids: Sequence[int] = (), with_old: bool = True, with_behavior: bool = False) -> MicroBatch:
+    """The padded ``[len(rows), seq_len]`` micro-batch of trajectories ``rows`` (plan of the gate included; with
+    ``with_behavior`` the sampler's log-probs too)."""
     traj, teacher = data.trajectories, data.teacher
     n = len(rows)
     tokens = torch.full((n, seq_len + 1), pad_id, dtype=torch.int64)
     mask = torch.zeros(n, seq_len, dtype=torch.bool)
     old = torch.zeros(n, seq_len)
+    behavior = torch.zeros(n, seq_len) if with_behavior else None
     starts = torch.zeros(n, dtype=torch.int64)
     k = teacher.top_k if teacher is not None else 0
     teacher_lp, top_ids, top_lp = torch.zeros(n, seq_len), torch.zeros(n, seq_len, max(k, 1), dtype=torch.int64), \
@@ -60,6 +62,8 @@ def micro_batch(data: RolloutData, rows: Sequence[int], seq_len: int, gate: Gate
         mask[i, span] = data.response_mask(b)
         if with_old:
             old[i, span] = data.old_logprobs[b]
+        if with_behavior:
+            behavior[i, span] = torch.tensor(traj.behavior_logprobs[b])
         if teacher is not None:
             teacher_lp[i, span] = teacher.token_logprobs[b]
             top_ids[i, span] = teacher.topk_ids[b]
@@ -74,7 +78,7 @@ def micro_batch(data: RolloutData, rows: Sequence[int], seq_len: int, gate: Gate
                       segment_ids=plan.segment_ids, plan=plan,
                       teacher_logprobs=teacher_lp if teacher is not None else None,
                       teacher_topk_ids=top_ids if teacher is not None else None,
-                      teacher_topk_logprobs=top_lp if teacher is not None else None)
+                      teacher_topk_logprobs=top_lp if teacher is not None else None, behavior_logprobs=behavior)
 
 
 def response_slices(data: RolloutData, rows: Sequence[int], per_position: torch.Tensor) -> List[torch.Tensor]:

@@ -44,7 +44,7 @@ from .setup import lr_scheduler, wrap_for_training, zero_grads
 
 UPDATE_METRICS = ["loss", "pg_clipfrac", "dual_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min",
                   "gate_max", "gate_std", "frac_gate_below_half", "drift_mean", "drift_abs_mean",
-                  "segment_drift_abs_mean", "lr", "grad_norm"]
+                  "segment_drift_abs_mean", "behavior_weight_mean", "behavior_weight_capped_frac", "lr", "grad_norm"]
 ROLLOUT_METRICS = ["rollout_train_mismatch", "behavior_drift_abs_mean"]
 
 
@@ -218,7 +218,8 @@ class Trainer:
         size = c.reuse.micro_batch_size
         device = parallel.compute_device()
         batches = [micro_batch(data, mine[i:i + size], seq_len, self.loss_config.gate, pad_id=self._pad_id(),
-                               newline_ids=self.newline_ids, with_old=with_old)
+                               newline_ids=self.newline_ids, with_old=with_old,
+                               with_behavior=with_old and self.loss_config.behavior_weight_cap is not None)
                    .split_for_cp(c.parallel.cp, ps.get_context_parallel_rank()).to(device)
                    for i in range(0, len(mine), size)]
         return mine, batches, seq_len
