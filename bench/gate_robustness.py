@@ -238,6 +238,7 @@ def sweep_table(name: str, configs, summary: dict, samples: int) -> str:
             f"gate min | gate std | minus reference: pass@1 (per seed) |\n|" + "---|" * 12)
     lines = [head]
     fmt = lambda s: "-" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
+    gate_diffs = {}  # seed -> the paired differences of the gated configurations
     for c in configs:
         row_t = t[c.name]
         diff = "-"
@@ -245,11 +246,19 @@ def sweep_table(name: str, configs, summary: dict, samples: int) -> str:
             p = paired(per_seed(rows, c, "pass1"), per_seed(rows, reference(c), "pass1"))
             if p:
                 diff = f"{p['mean']:+.3f} ± {p['std']:.3f} ({', '.join(f'{d:+.2f}' for d in p['diffs'])})"
+                if c.gate != "none":
+                    for seed, d in zip(p["seeds"], p["diffs"]):
+                        gate_diffs.setdefault(seed, []).append(d)
         tau = f", tau {c.tau:g}" if name == "tau" else ""
         lines.append(f"| {c.label}{tau} | {c.epochs} x {c.minibatches} | {c.lr:g} | {c.staleness} | "
                      f"{row_t['greedy']['n']} | {fmt(row_t['greedy'])} | {fmt(row_t['pass1'])} | "
                      f"{fmt(row_t[f'pass{samples}'])} | {fmt(row_t['drift_abs_mean'])} | {fmt(row_t['gate_min'])} | "
                      f"{fmt(row_t['gate_std'])} | {diff} |")
+    pooled = {seed: float(np.mean(d)) for seed, d in sorted(gate_diffs.items())}
+    if len(pooled) > 1 and max(map(len, gate_diffs.values())) > 1:
+        p = mean_std(list(pooled.values()))
+        lines.append(f"\nPooled, the gated configurations' mean difference per seed: {p['mean']:+.3f} ± {p['std']:.3f} "
+                     f"({', '.join(f'seed {s}: {d:+.3f}' for s, d in pooled.items())}).")
     return "\n".join(lines)
 
 
