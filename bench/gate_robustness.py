@@ -373,7 +373,7 @@ def plot_sweeps(summary: dict, runs: dict, sweeps: dict, samples: int, out: Path
     for gate in ("none", f"block{BLOCK}"):
         for c in sorted((c for c in synchronous if c.gate == gate), key=lambda c: (c.updates, c.lr)):
             curves = [drift_by_block(read_trace(runs[(c, s)]["dir"])) for (cc, s) in runs if cc == c]
-            curves = [v for v in curves if len(v)]
+            curves = [v for v in curves if len(v) and np.max(v) > 0]  # one update per rollout: no drift to draw
             if curves:
                 n = min(map(len, curves))
                 ax.plot(range(n), np.mean([v[:n] for v in curves], axis=0), marker="o",
@@ -436,7 +436,8 @@ def missing_note(summary: dict, sweeps: dict, seeds) -> str:
     for name, configs in sweeps.items():
         runs = [f"{c.name}/seed{s}" for c in configs for s in seeds]
         absent = [r for r in runs if r in missing]
-        lines.append(f"- {name}: {len(runs) - len(absent)} of {len(runs)} runs finished"
+        by_seed = ", ".join(f"seed {s}: {sum(f'{c.name}/seed{s}' not in missing for c in configs)}" for s in seeds)
+        lines.append(f"- {name}: {len(runs) - len(absent)} of {len(runs)} runs finished ({by_seed} of {len(configs)})"
                      + (f"; missing: {', '.join(f'`{r}`' for r in absent)}" if 0 < len(absent) <= 12 else ""))
     return "**Not every run has finished.** The tables show the finished runs only (see the seeds column):\n\n" + \
         "\n".join(lines)
