@@ -231,6 +231,13 @@ def reference(config: Config) -> Config | None:
     return None
 
 
+def versus_reference(rows, config: Config) -> dict | None:
+    """pass@1 of ``config`` minus its ``reference``, paired by seed (``paired``); None without a reference or a
+    common seed."""
+    ref = reference(config)
+    return paired(per_seed(rows, config, "pass1"), per_seed(rows, ref, "pass1")) if ref is not None else None
+
+
 def sweep_table(name: str, configs, summary: dict, samples: int) -> str:
     """Mean ± std per configuration, and the paired per-seed difference to its ``reference``."""
     t, rows = summary["table"], summary["runs"]
@@ -242,13 +249,12 @@ def sweep_table(name: str, configs, summary: dict, samples: int) -> str:
     for c in configs:
         row_t = t[c.name]
         diff = "-"
-        if reference(c) is not None:
-            p = paired(per_seed(rows, c, "pass1"), per_seed(rows, reference(c), "pass1"))
-            if p:
-                diff = f"{p['mean']:+.3f} ± {p['std']:.3f} ({', '.join(f'{d:+.2f}' for d in p['diffs'])})"
-                if c.gate != "none":
-                    for seed, d in zip(p["seeds"], p["diffs"]):
-                        gate_diffs.setdefault(seed, []).append(d)
+        p = versus_reference(rows, c)
+        if p:
+            diff = f"{p['mean']:+.3f} ± {p['std']:.3f} ({', '.join(f'{d:+.2f}' for d in p['diffs'])})"
+            if c.gate != "none":
+                for seed, d in zip(p["seeds"], p["diffs"]):
+                    gate_diffs.setdefault(seed, []).append(d)
         tau = f", tau {c.tau:g}" if name == "tau" else ""
         lines.append(f"| {c.label}{tau} | {c.epochs} x {c.minibatches} | {c.lr:g} | {c.staleness} | "
                      f"{row_t['greedy']['n']} | {fmt(row_t['greedy'])} | {fmt(row_t['pass1'])} | "
@@ -402,10 +408,9 @@ def plot_gate_effect(summary: dict, sweeps: dict, out: Path) -> None:
     panels = {}
     for name, configs in sweeps.items():
         for c in configs:
-            if c.gate != "none" and c.loss != "sft":
-                p = paired(per_seed(rows, c, "pass1"), per_seed(rows, reference(c), "pass1"))
-                if p:
-                    panels.setdefault(name, []).append((c, p["diffs"]))
+            p = versus_reference(rows, c) if c.gate != "none" else None
+            if p:
+                panels.setdefault(name, []).append((c, p["diffs"]))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(1.5 + 3.2 * max(1, len(panels)), 4.6), squeeze=False,
                              sharey=True)
     for ax, (name, entries) in zip(axes[0], panels.items()):
