@@ -27,9 +27,20 @@ if [ ! -f "$venv/.ready" ]; then
   touch "$venv/.ready"
 fi
 # The checkout itself goes in editable (no dependency resolution: the environment already has them), which also
-# builds the C++ extension in place; a failed build leaves the pure-PyTorch reference backend in use.
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2 \
-  || echo "[env] installing the checkout failed" >&2
+# builds the C++ extension in place; a failed build leaves the pure-PyTorch reference backend in use. The install is
+# skipped when this checkout was installed last with the same build inputs (setup.py, pyproject.toml, csrc/, the
+# extension switches) and its built extension is still there: Python sources need no reinstall (editable).
+stamp="$(cd "$root" && { echo "$root ${MEGATRON_BPD_NO_EXTENSION:-0} ${MEGATRON_BPD_FORCE_CUDA:-0}"; \
+  cat setup.py pyproject.toml; find csrc -type f | LC_ALL=C sort | xargs cat; } | sha256sum | cut -c1-16)"
+built() { [ "${MEGATRON_BPD_NO_EXTENSION:-0}" = 1 ] || compgen -G "$root/megatron_bpd/_C*.so" >/dev/null; }
+if [ "$(cat "$venv/.installed" 2>/dev/null)" = "$stamp" ] && built; then
+  echo "[env] the checkout is installed with its extension (build inputs unchanged): not reinstalling" >&2
+elif "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2; then
+  echo "$stamp" > "$venv/.installed"
+else
+  rm -f "$venv/.installed"
+  echo "[env] installing the checkout failed" >&2
+fi
 flock -u 9
 export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
 echo "$venv"
