@@ -64,7 +64,7 @@ def main(argv=None):
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
 
-    from megatron_bpd.tasks.arithmetic import write_prompts_jsonl
+    from megatron_bpd.tasks.common import write_prompts_jsonl
     from megatron_bpd.tasks.sft import PrepConfig, datasets
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from megatron_bpd.experiment import SHIPPED_MODELS  # noqa: E402
-from megatron_bpd.tasks.arithmetic import check  # noqa: E402
+from megatron_bpd.tasks.common import check  # noqa: E402
 from megatron_bpd.tasks.sft import (PrepConfig, _collate, _prompt_ids, accuracy, datasets, encode_example,  # noqa: E402
                                     sft_loss)
 

@@ -92,7 +92,7 @@ def task_prompts(data_dir, eval_problems: int, seed: int = 0) -> tuple:
     """The addition task's prompt files under ``data_dir``: (training prompts: the first 2000 training problems,
     held-out prompts: the first ``eval_problems`` test problems) of ``tasks.sft.PrepConfig(seed)``, the split the
     shipped models were trained on."""
-    from .tasks.arithmetic import write_prompts_jsonl
+    from .tasks.common import write_prompts_jsonl
     from .tasks.sft import PrepConfig, datasets
 
     train, test = datasets(PrepConfig(seed=seed))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_bpd.tasks.arithmetic import (check, extract_answer, make_dataset, make_problem, read_problems_jsonl,
-                                           solution_lines, write_prompts_jsonl)
+from megatron_bpd.tasks.arithmetic import make_dataset, make_problem, read_problems_jsonl, solution_lines
+from megatron_bpd.tasks.common import check, extract_answer, write_prompts_jsonl
 
 torch.set_num_threads(1)
 
@@ -170,3 +170,67 @@ def test_corrupted_inputs_keep_gold_targets_and_touch_only_solution_digits():
     solution_digits = sum(1 for t, y in zip(ids, labels) if y != -100 and t in digits)
     assert 0.3 * solution_digits < len(changed) < 0.7 * solution_digits
     assert corrupt_digits(ids, labels, digits, 0.0, random.Random(0)) == ids
+
+
+# ---- the long-horizon task and the task registry ----
+
+def test_running_sum_solution_and_checker():
+    from megatron_bpd.tasks.running_sum import make_sum_problem, parse_sum_prompt
+
+    p = make_sum_problem((37, 82, 15))
+    assert p.prompt_text == "Sum step by step: 1:37 2:82 3:15"
+    assert p.solution_text.split("\n") == ["1: 37", "2: 37+82=119", "3: 119+15=134", "answer: 134", "\\boxed{134}"]
+    assert p.answer == "134" and p.difficulty == 3 and check(p.solution_text, 134)
+    assert not check(p.solution_text.replace("answer: 134", "answer: 135"), 134)
+    assert parse_sum_prompt(p.prompt_text) == p
+    assert make_sum_problem((15, 37, 82)).key == p.key  # a reordered list is the same problem
+    with pytest.raises(ValueError, match="numbered 1..n"):
+        parse_sum_prompt("Sum step by step: 1:37 3:82")
+    with pytest.raises(ValueError, match="not a running-sum prompt"):
+        parse_sum_prompt("Add 1 + 2 column by column.")
+
+
+def test_running_sum_is_long_at_the_long_horizon():
+    """At 24 items the median response is >= 300 tokens (5x the addition task's ~58) in >= 15 lines."""
+    import statistics
+
+    from megatron_bpd.tasks.models import task_tokenizer
+    from megatron_bpd.tasks.running_sum import make_sum_dataset
+
+    tok = task_tokenizer(task="running_sum")
+    problems = make_sum_dataset(40, 0, 24)
+    lengths = [len(tok(p.solution_text, add_special_tokens=False)["input_ids"]) + 1 for p in problems]
+    assert statistics.median(lengths) >= 300 and all(p.solution_text.count("\n") + 1 >= 15 for p in problems)
+    assert all(n <= p.max_new_tokens for n, p in zip(lengths, problems))
+    for p in problems[:5]:  # the tokenizer round-trips the task text exactly
+        assert tok.decode(tok(p.prompt_text + "\n" + p.solution_text)["input_ids"]) == p.prompt_text + "\n" + \
+            p.solution_text
+
+
+@pytest.mark.parametrize("name", ["addition", "running_sum"])
+def test_study_splits_are_disjoint_up_to_swaps_and_reorderings(name, tmp_path):
+    from megatron_bpd.tasks.registry import get_task, study_splits
+
+    task = get_task(name)
+    sizes = {"sft": 3000, "train": 300, "dev": 100, "test": 500}
+    s = study_splits(task, seed=0, sizes=sizes)
+    assert {k: len(v) for k, v in s.items()} == sizes
+    keys = {k: {p.key for p in v} for k, v in s.items()}
+    assert all(len(keys[k]) == sizes[k] for k in sizes)
+    names = list(sizes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not keys[a] & keys[b], (a, b)
+    if name == "addition":  # and from the shipped pair's SFT set, b + a included
+        from megatron_bpd.tasks.sft import PrepConfig, datasets
+
+        shipped = {p.key for p in datasets(PrepConfig(seed=0))[0]}
+        assert not shipped & (keys["dev"] | keys["test"])
+        from megatron_bpd.tasks.arithmetic import parse_prompt
+        assert parse_prompt("Add 12 + 345 column by column.").key == parse_prompt("Add 345 + 12 column by column.").key
+    assert study_splits(task, seed=0, sizes=sizes)["test"] == s["test"]  # deterministic
+    path = write_prompts_jsonl(tmp_path / "test.jsonl", s["test"][:20])
+    from megatron_bpd.tasks.common import read_prompts_jsonl
+    assert read_prompts_jsonl(path, task.parse_prompt) == s["test"][:20]
+    with pytest.raises(ValueError, match="unknown task 'nope'; known: addition, running_sum"):
+        get_task("nope")

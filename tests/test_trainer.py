@@ -425,7 +425,7 @@ def demo_setup_config(out: Path, **sections) -> Path:
     2 epochs x 2 mini-batches and a 3x learning rate, without held-out evaluation; ``sections`` update its
     sections."""
     from megatron_bpd.experiment import SHIPPED_MODELS, TaskRun
-    from megatron_bpd.tasks.arithmetic import write_prompts_jsonl
+    from megatron_bpd.tasks.common import write_prompts_jsonl
     from megatron_bpd.tasks.sft import PrepConfig, datasets
 
     prompts = write_prompts_jsonl(out / "prompts.jsonl", datasets(PrepConfig(seed=0))[0][:64])

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from megatron_bpd.tasks.arithmetic import write_prompts_jsonl
+from megatron_bpd.tasks.common import write_prompts_jsonl
 from megatron_bpd.tasks.sft import PrepConfig, datasets, prepare_teacher_and_student
 
 

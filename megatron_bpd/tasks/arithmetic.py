@@ -19,12 +19,13 @@ length grows linearly with the difficulty and every line depends on the carry of
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
+
+from megatron_bpd.tasks.common import Difficulties, draw_dataset, read_prompts_jsonl
 
 PROMPT_TEMPLATE = "Add {a} + {b} column by column."
 DIGIT_RANGE = (2, 8)
@@ -38,6 +39,25 @@ class Problem:
     digits: int
     a: int
     b: int
+
+    @property
+    def difficulty(self) -> int:
+        """The horizon: the digit count (one solution line per digit column)."""
+        return self.digits
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        """Identity for split disjointness: ``b + a`` is the same problem as ``a + b``."""
+        return (min(self.a, self.b), max(self.a, self.b))
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Enough new tokens for a correct solution (12 per column line + the answer lines)."""
+        return 13 * self.digits + 2 * (self.digits + 2) + 16
+
+    def fields(self) -> dict:
+        """Extra prompt-file fields (``common.write_prompts_jsonl``)."""
+        return {"digits": self.digits}
 
 
 def solution_lines(a: int, b: int) -> List[str]:
@@ -65,62 +85,14 @@ def make_problem(rng: random.Random, digits: int) -> Problem:
     return Problem(PROMPT_TEMPLATE.format(a=a, b=b), "\n".join(solution_lines(a, b)), str(a + b), digits, a, b)
 
 
-def make_dataset(n: int, seed: int, digits: Union[int, Tuple[int, int], Sequence[int]] = DIGIT_RANGE,
+def make_dataset(n: int, seed: int, digits: Difficulties = DIGIT_RANGE,
                  exclude: Optional[Iterable[Problem]] = None) -> List[Problem]:
-    """``n`` problems drawn with ``random.Random(seed)``; ``digits`` is an int, an inclusive ``(lo, hi)`` range
-    (each problem draws its digit count uniformly) or a list of allowed counts. Problems whose ``(a, b)`` is in
-    ``exclude`` (e.g. a training set) are redrawn, so a held-out set never repeats a training problem."""
-    if isinstance(digits, int):
-        choices = [digits]
-    elif isinstance(digits, tuple) and len(digits) == 2:
-        choices = list(range(digits[0], digits[1] + 1))
-    else:
-        choices = list(digits)
-    if not choices:
-        raise ValueError(f"digits={digits!r}: empty range")
-    seen = {(p.a, p.b) for p in exclude} if exclude is not None else set()
-    rng = random.Random(seed)
-    out: List[Problem] = []
-    attempts = 0
-    while len(out) < n:
-        p = make_problem(rng, rng.choice(choices))
-        attempts += 1
-        if (p.a, p.b) in seen:
-            if attempts > 100 * n + 1000:
-                raise ValueError("could not draw enough problems outside `exclude`: widen the digit range")
-            continue
-        seen.add((p.a, p.b))
-        out.append(p)
-    return out
-
-
-_ANSWER = re.compile(r"answer:\s*(-?\d+)")
-_BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
-
-
-def extract_answer(response_text: str) -> Optional[str]:
-    """The N of the last ``answer: N`` line if the response ends there (optionally followed by a ``\\boxed{N}``
-    line with the same N and whitespace); otherwise None."""
-    lines = response_text.rstrip().split("\n")
-    if lines and lines[-1].strip().startswith("\\boxed"):
-        boxed = _BOXED.fullmatch(lines[-1].strip())
-        if boxed is None or len(lines) < 2:
-            return None
-        lines = lines[:-1]
-        m = _ANSWER.fullmatch(lines[-1].strip())
-        return m.group(1) if m and m.group(1) == boxed.group(1) else None
-    m = _ANSWER.fullmatch(lines[-1].strip()) if lines else None
-    return m.group(1) if m else None
-
-
-def check(response_text: str, answer: Union[str, int]) -> bool:
-    """Exact check: the response ends with ``answer: N`` (and optionally ``\\boxed{N}``) and ``N == answer``.
-    A trailing ``<|im_end|>`` / ``<|endoftext|>`` is ignored."""
-    text = response_text
-    for special in ("<|im_end|>", "<|endoftext|>"):
-        text = text.replace(special, "")
-    got = extract_answer(text)
-    return got is not None and got.lstrip("0") == str(answer).strip().lstrip("0")
+    """``n`` problems drawn with ``random.Random(seed)`` (``common.draw_dataset``); ``digits`` is an int, an
+    inclusive ``(lo, hi)`` range or a list of allowed counts. Problems whose ordered ``(a, b)`` is in ``exclude``
+    (e.g. a training set) are redrawn. This is the split of the shipped pair (``tasks.sft.datasets``), kept as it
+    was drawn: ``b + a`` of a training problem may appear in it; ``tasks.registry.splits`` excludes those too."""
+    ordered = lambda p: (p.a, p.b)  # noqa: E731
+    return draw_dataset(make_problem, n, seed, digits, map(ordered, exclude or ()), key=ordered)
 
 
 def task_corpus(seed: int = 0, n: int = 3000, digits: Tuple[int, int] = (1, 10)) -> List[str]:
@@ -128,33 +100,18 @@ def task_corpus(seed: int = 0, n: int = 3000, digits: Tuple[int, int] = (1, 10))
     return [p.prompt_text + "\n" + p.solution_text + "\n" for p in make_dataset(n, seed, digits)]
 
 
-def write_prompts_jsonl(path: Union[str, Path], problems: Iterable[Problem]) -> Path:
-    """One JSON object per line: ``{"prompt", "answer", "digits", "difficulty"}`` (the trainer's prompt-file format;
-    the difficulty is the digit count)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for p in problems:
-            f.write(json.dumps({"prompt": p.prompt_text, "answer": p.answer, "digits": p.digits,
-                                "difficulty": p.digits}) + "\n")
-    return path
+_PROMPT = re.compile(r"Add (\d+) \+ (\d+) column by column\.")
+
+
+def parse_prompt(prompt: str) -> Problem:
+    """The problem back from its prompt text (the digit count is the longer operand's)."""
+    m = _PROMPT.fullmatch(prompt.strip())
+    if m is None:
+        raise ValueError(f"not an addition prompt: {prompt!r}")
+    a, b = int(m.group(1)), int(m.group(2))
+    return Problem(prompt.strip(), "\n".join(solution_lines(a, b)), str(a + b), len(str(max(a, b))), a, b)
 
 
 def read_problems_jsonl(path: Union[str, Path]) -> List[Problem]:
-    """Problems back from a file written by ``write_prompts_jsonl`` (the operands are parsed from the prompt)."""
-    out = []
-    pattern = re.compile(r"Add (\d+) \+ (\d+) ")
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            m = pattern.match(row["prompt"])
-            if m is None:
-                raise ValueError(f"{path}: not an addition prompt: {row['prompt']!r}")
-            a, b = int(m.group(1)), int(m.group(2))
-            out.append(Problem(row["prompt"], "\n".join(solution_lines(a, b)), str(a + b),
-                               int(row.get("digits", len(str(max(a, b))))), a, b))
-    return out
-
-
-def problem_dict(p: Problem) -> dict:
-    return asdict(p)
+    """Problems back from a prompt file written by ``common.write_prompts_jsonl``."""
+    return read_prompts_jsonl(path, parse_prompt)

@@ -14,21 +14,21 @@ from pathlib import Path
 from typing import Union
 
 from megatron_bpd.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, make_tiny_qwen3
-from megatron_bpd.tasks.arithmetic import task_corpus
+from megatron_bpd.tasks.registry import get_task
 
 TOKENIZER_VOCAB = 320  # bytes (256) + specials (3) + the merges the task text needs (fewer are used)
 
 
-def train_task_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0):
-    """A ``tokenizers.Tokenizer``: digits split one per token, byte-level BPE merges trained on task text
+def train_task_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0, task: str = "addition"):
+    """A ``tokenizers.Tokenizer``: digits split one per token, byte-level BPE merges trained on ``task``'s text
     (trained once per process and arguments, a fresh object every call)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_str(_trained_tokenizer_json(vocab_size, seed))
+    return Tokenizer.from_str(_trained_tokenizer_json(vocab_size, seed, task))
 
 
 @functools.lru_cache(maxsize=4)
-def _trained_tokenizer_json(vocab_size: int, seed: int) -> str:
+def _trained_tokenizer_json(vocab_size: int, seed: int, task: str) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -41,25 +41,25 @@ def _trained_tokenizer_json(vocab_size: int, seed: int) -> str:
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(task_corpus(seed, n=600, digits=(1, 8)), trainer=trainer)
+    tok.train_from_iterator(get_task(task).corpus(seed), trainer=trainer)
     return tok.to_str()
 
 
-def task_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0):
+def task_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0, task: str = "addition"):
     """The task tokenizer as a transformers ``PreTrainedTokenizerFast`` with the tiny models' chat template."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_task_tokenizer(vocab_size, seed), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=train_task_tokenizer(vocab_size, seed, task), eos_token="<|im_end|>", pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
     )
 
 
 def make_task_model(out_dir: Union[str, Path], *, layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, head_dim: int = 16, ffn: int = 256, tied: bool = True, seed: int = 0,
-                    tokenizer_seed: int = 0) -> Path:
-    """A random Qwen3ForCausalLM folder with the task tokenizer (vocab = tokenizer size rounded up to 16)."""
-    tok = task_tokenizer(seed=tokenizer_seed)
+                    tokenizer_seed: int = 0, task: str = "addition") -> Path:
+    """A random Qwen3ForCausalLM folder with ``task``'s tokenizer (vocab = tokenizer size rounded up to 16)."""
+    tok = task_tokenizer(seed=tokenizer_seed, task=task)
     vocab = max(260, -(-len(tok) // 16) * 16)
     out = make_tiny_qwen3(out_dir, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                           ffn=ffn, vocab=vocab, tied=tied, seed=seed, dtype="float32")

@@ -27,7 +27,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from megatron_bpd.tasks.arithmetic import Problem, check, make_dataset
+from megatron_bpd.tasks.arithmetic import Problem, make_dataset
+from megatron_bpd.tasks.common import check
 
 CACHE_VERSION = 1
 
@@ -147,15 +148,11 @@ def train_sft(model_dir: Union[str, Path], problems: Sequence[Problem], steps: i
     return out
 
 
-def max_new_tokens_for(digits: int) -> int:
-    """Enough new tokens for a correct solution of ``digits``-digit operands (12 per column + answer lines)."""
-    return 13 * digits + 2 * (digits + 2) + 16
-
-
 @torch.no_grad()
 def generate(model_dir_or_model, problems: Sequence[Problem], max_new_tokens: Optional[int] = None,
              batch_size: int = 64, tokenizer=None, progress: bool = False) -> List[str]:
-    """Greedy responses (decoded, special tokens dropped) with left-padded batches, in the order of ``problems``."""
+    """Greedy responses (decoded, special tokens dropped) with left-padded batches, in the order of ``problems``
+    (any task's problems: ``prompt_text``, ``difficulty``, ``max_new_tokens``)."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,7 +163,7 @@ def generate(model_dir_or_model, problems: Sequence[Problem], max_new_tokens: Op
         model = model_dir_or_model
         assert tokenizer is not None, "pass the tokenizer with a model object"
     model.eval()
-    order = sorted(range(len(problems)), key=lambda i: problems[i].digits)  # similar lengths share a batch
+    order = sorted(range(len(problems)), key=lambda i: problems[i].difficulty)  # similar lengths share a batch
     out: List[Optional[str]] = [None] * len(problems)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
         idx = order[start:start + batch_size]
@@ -177,7 +174,7 @@ def generate(model_dir_or_model, problems: Sequence[Problem], max_new_tokens: Op
         for row, p in enumerate(prompts):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
-        budget = max_new_tokens or max(max_new_tokens_for(problems[i].digits) for i in idx)
+        budget = max_new_tokens or max(problems[i].max_new_tokens for i in idx)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              temperature=None, top_p=None, top_k=None)
@@ -187,15 +184,15 @@ def generate(model_dir_or_model, problems: Sequence[Problem], max_new_tokens: Op
 
 
 def accuracy(model_dir: Union[str, Path], problems: Sequence[Problem], max_new_tokens: Optional[int] = None,
-             batch_size: int = 64, by_digits: Optional[dict] = None) -> float:
-    """Fraction of ``problems`` solved exactly (``check``) by greedy decoding. ``by_digits`` (a dict), when
-    given, receives the accuracy per digit count."""
+             batch_size: int = 64, by_difficulty: Optional[dict] = None) -> float:
+    """Fraction of ``problems`` solved exactly (``check``) by greedy decoding. ``by_difficulty`` (a dict), when
+    given, receives the accuracy per difficulty (digit count, item count)."""
     responses = generate(model_dir, problems, max_new_tokens, batch_size)
     ok = [check(r, p.answer) for r, p in zip(responses, problems)]
-    if by_digits is not None:
-        for d in sorted({p.digits for p in problems}):
-            sel = [o for o, p in zip(ok, problems) if p.digits == d]
-            by_digits[d] = sum(sel) / len(sel)
+    if by_difficulty is not None:
+        for d in sorted({p.difficulty for p in problems}):
+            sel = [o for o, p in zip(ok, problems) if p.difficulty == d]
+            by_difficulty[d] = sum(sel) / len(sel)
     return sum(ok) / max(1, len(ok))
 
 
@@ -281,7 +278,7 @@ def prepare_teacher_and_student(out_dir: Union[str, Path], seed: int = 0, *, con
                              progress)
             t0 = time.perf_counter()
             per_digits: dict = {}
-            acc = accuracy(folder, test, by_digits=per_digits)
+            acc = accuracy(folder, test, by_difficulty=per_digits)
             entry = {"path": str(folder), "accuracy": acc, "accuracy_by_digits": {str(k): v for k, v in
                                                                                   per_digits.items()},
                      "n_test": len(test), "spec": asdict(spec), "train_seconds": round(train_s, 1),

@@ -489,7 +489,7 @@ def answer_checker(name: str):
 
         return is_correct
     if name == "arithmetic":
-        from ..tasks.arithmetic import check
+        from ..tasks.common import check
 
         return check
     raise ValueError(f"data.answer_checker must be 'math', 'arithmetic' or 'none', got {name!r}")
