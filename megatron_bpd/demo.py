@@ -18,7 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from .experiment import SHIPPED_MODELS, TaskRun, launch, task_prompts
+from .experiment import TaskRun, launch, task_prompts
+from .tasks.registry import TASKS
 
 
 def _print_step(record: dict) -> None:
@@ -34,6 +35,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TaskRun("", "", "", "", "")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--task", choices=sorted(TASKS), default="addition",
+                        help="the synthetic task (megatron_bpd.tasks.registry) and its shipped teacher and student")
     parser.add_argument("--loss", choices=("sampled_token", "topk_lsm"), default="topk_lsm",
                         help="topk_lsm (Teacher-TopK/LSM, the default: it lifts the student on this task); "
                              "sampled_token does not here (docs/results/opd_regime.md)")
@@ -57,16 +60,21 @@ def main(argv=None):
     started = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    task = TASKS[args.task]
     prep = PrepConfig(seed=args.seed)
     if args.prepare:
+        if args.task != "addition":
+            parser.error(f"--prepare makes the addition task's pair; the {args.task} pair's recipe is in "
+                         f"{task.models / 'README.md'}")
         summary = prepare_teacher_and_student(Path.home() / ".cache" / "megatron-bpd" / "task-models", args.seed,
                                               config=prep)
         models = {role: summary[role]["path"] for role in ("teacher", "student")}
     else:
-        models = {role: str(SHIPPED_MODELS / role) for role in ("teacher", "student")}
+        models = {role: str(task.models / role) for role in ("teacher", "student")}
     gate = {"granularity": "block", "block_size": args.block_size} if args.block_size else {"granularity": "none"}
-    run = TaskRun(str(out), models["student"], models["teacher"], *task_prompts(out, args.eval_problems, args.seed),
-                  loss=args.loss, gate=gate, steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp,
+    run = TaskRun(str(out), models["student"], models["teacher"],
+                  *task_prompts(out, args.eval_problems, args.seed, args.task), task=args.task,
+                  max_new_tokens=max(defaults.max_new_tokens, task.max_new_tokens()), loss=args.loss, gate=gate, steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp,
                   eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples)
     print(f"[demo] {run.loss} OPD of {models['student']} from {models['teacher']}, {run.steps} steps at TP={run.tp} "
           f"(log: {out / 'train.log'})", flush=True)
@@ -127,7 +135,7 @@ Greedy: exact match of the greedy response (Wilson interval). pass@1: mean over 
 |---|---|---|
 {rows}
 
-| difficulty (digits) | problems | student before | student after | teacher |
+| difficulty ({TASKS[run.task].difficulty_name}) | problems | student before | student after | teacher |
 |---|---|---|---|---|
 {by_difficulty}
 

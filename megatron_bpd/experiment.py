@@ -21,8 +21,9 @@ from typing import Callable, Optional
 
 import yaml
 
+from .tasks.registry import TASK_MODELS as SHIPPED_MODELS  # the addition task's pair
+
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODELS = Path(__file__).parent / "data" / "task_models"
 
 
 @dataclass
@@ -36,6 +37,7 @@ class TaskRun:
     teacher: str
     prompts: str
     eval_prompts: str
+    task: str = "addition"  # its exact answer checker (``tasks.registry``)
     loss: str = "sampled_token"
     gate: dict = field(default_factory=lambda: {"granularity": "none"})
     steps: int = 20
@@ -67,7 +69,7 @@ class TaskRun:
             "out": self.out, "steps": self.steps, "seed": self.seed, "gate_trace": self.gate_trace,
             "model": {"student": self.student},
             "parallel": {"tp": self.tp},
-            "data": {"prompts": self.prompts, "answer_checker": "arithmetic", "apply_chat_template": True},
+            "data": {"prompts": self.prompts, "answer_checker": self.task, "apply_chat_template": True},
             "rollout": {"policy": "teacher" if control else "student", "prompts_per_step": self.prompts_per_step,
                         "samples_per_prompt": self.samples_per_prompt, "temperature": 1.0, "top_p": 0.9,
                         "max_new_tokens": self.max_new_tokens, "max_concurrency": 64,
@@ -88,17 +90,25 @@ class TaskRun:
         return dataclasses.replace(self, **changes)
 
 
-def task_prompts(data_dir, eval_problems: int, seed: int = 0) -> tuple:
-    """The addition task's prompt files under ``data_dir``: (training prompts: the first 2000 training problems,
-    held-out prompts: the first ``eval_problems`` test problems) of ``tasks.sft.PrepConfig(seed)``, the split the
-    shipped models were trained on."""
+def task_prompts(data_dir, eval_problems: int, seed: int = 0, task: str = "addition", eval_split: str = "dev"):
+    """A task's prompt files under ``data_dir``: (training prompts, held-out prompts: the first ``eval_problems``).
+    The addition task keeps the split its shipped pair was made with (``tasks.sft.PrepConfig(seed)``: the first 2000
+    training problems, the test problems); the other tasks use their study splits (``tasks.registry.study_splits``:
+    ``train`` and ``eval_split``, "dev" for every choice, "test" for the report)."""
     from .tasks.common import write_prompts_jsonl
-    from .tasks.sft import PrepConfig, datasets
+    from .tasks.registry import get_task, study_splits
 
-    train, test = datasets(PrepConfig(seed=seed))
+    if task == "addition":
+        from .tasks.sft import PrepConfig, datasets
+
+        train, held_out = datasets(PrepConfig(seed=seed))
+        train = train[:2000]
+    else:
+        split = study_splits(get_task(task), seed)
+        train, held_out = split["train"], split[eval_split]
     data_dir = Path(data_dir)
-    return (str(write_prompts_jsonl(data_dir / "prompts.jsonl", train[:2000])),
-            str(write_prompts_jsonl(data_dir / "held_out.jsonl", test[:eval_problems])))
+    return (str(write_prompts_jsonl(data_dir / "prompts.jsonl", train)),
+            str(write_prompts_jsonl(data_dir / "held_out.jsonl", held_out[:eval_problems])))
 
 
 def launch(run: TaskRun, follow: Optional[Callable[[dict], None]] = None) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from megatron_bpd.tasks import arithmetic, running_sum
-from megatron_bpd.tasks.common import Difficulties, draw_dataset
+from megatron_bpd.tasks.common import Difficulties, difficulty_choices, draw_dataset
 
 TASK_MODELS = Path(__file__).resolve().parents[1] / "data" / "task_models"
 
@@ -32,6 +32,11 @@ class Task:
     corpus: Callable[[int], List[str]]
     difficulties: Tuple[int, int]
     models: Path
+    difficulty_name: str  # what the horizon knob counts
+
+    def max_new_tokens(self, difficulties: Difficulties = None) -> int:
+        """A generation budget for a correct solution of every problem up to the largest of ``difficulties``."""
+        return self.draw(random.Random(0), max(difficulty_choices(difficulties or self.difficulties))).max_new_tokens
 
     def dataset(self, n: int, seed: int, difficulties: Difficulties = None, exclude=()) -> list:
         """``n`` distinct problems (by ``key``), none whose key is in ``exclude``."""
@@ -40,9 +45,9 @@ class Task:
 
 TASKS: Dict[str, Task] = {
     "addition": Task("addition", arithmetic.make_problem, arithmetic.parse_prompt,
-                     lambda seed: arithmetic.task_corpus(seed, n=600, digits=(1, 8)), (2, 4), TASK_MODELS),
+                     lambda seed: arithmetic.task_corpus(seed, n=600, digits=(1, 8)), (2, 4), TASK_MODELS, "digits"),
     "running_sum": Task("running_sum", running_sum.draw_sum_problem, running_sum.parse_sum_prompt,
-                        running_sum.sum_corpus, (2, 24), TASK_MODELS / "running_sum"),
+                        running_sum.sum_corpus, (2, 24), TASK_MODELS / "running_sum", "items"),
 }
 
 

@@ -45,10 +45,19 @@ class DataSettings:
     prompts: str = ""
     prompt_template: str = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
     apply_chat_template: bool = True
-    answer_checker: str = "math"  # "math" (math-verify on \boxed{}) | "arithmetic" | "none"
+    # "math" (math-verify on \boxed{}) | "none" | a synthetic task's exact checker: its name ("addition",
+    # "running_sum": megatron_bpd.tasks.registry) or "arithmetic" (the same answer-line checker)
+    answer_checker: str = "math"
     max_prompt_len: int = 2048
     shuffle: bool = True
     difficulty_key: str = "difficulty"  # optional prompt field; solve rates and evaluations are grouped by it
+
+    def __post_init__(self):
+        from megatron_bpd.tasks.registry import TASKS
+
+        known = ("math", "none", "arithmetic", *TASKS)
+        if self.answer_checker not in known:
+            raise ValueError(f"data.answer_checker must be one of {', '.join(known)}, got {self.answer_checker!r}")
 
 
 @dataclass
@@ -161,7 +170,7 @@ class TrainConfig:
             if not self.eval.prompts:
                 raise ValueError("eval.every > 0 needs eval.prompts (a held-out prompts JSONL with answers)")
             if self.data.answer_checker == "none":
-                raise ValueError("eval.every > 0 needs data.answer_checker ('math' or 'arithmetic') to score answers")
+                raise ValueError("eval.every > 0 needs data.answer_checker (not 'none') to score answers")
 
     def describe(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False)

@@ -480,19 +480,18 @@ def _mixed_precision(model):
 
 
 def answer_checker(name: str):
-    """``check(response_text, answer) -> bool`` by name: "math" (math-verify on the last \\boxed{}),
-    "arithmetic" (the synthetic task's exact checker), or "none"."""
+    """``check(response_text, answer) -> bool`` by name (``DataSettings.answer_checker``, validated there): "math"
+    (math-verify on the last \\boxed{}), a synthetic task's name or "arithmetic" (their exact answer-line
+    checker), or "none"."""
     if name == "none":
         return None
     if name == "math":
         from ..eval.answers import is_correct
 
         return is_correct
-    if name == "arithmetic":
-        from ..tasks.common import check
+    from ..tasks.common import check
 
-        return check
-    raise ValueError(f"data.answer_checker must be 'math', 'arithmetic' or 'none', got {name!r}")
+    return check
 
 
 def staleness(versions, step: int, max_staleness: int) -> dict:
