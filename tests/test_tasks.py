@@ -123,7 +123,7 @@ def test_prepare_caches_by_parameters(tmp_path, capsys):
     from megatron_bpd.tasks.sft import ModelSpec, PrepConfig, prepare_teacher_and_student
 
     micro = ModelSpec(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=16, ffn=64, steps=2, batch_size=4, warmup=1)
-    cfg = PrepConfig(seed=3, digits=(2, 2), n_train=16, n_test=4, teacher=micro, student=micro)
+    cfg = PrepConfig(seed=3, difficulties=(2, 2), n_train=16, n_test=4, teacher=micro, student=micro)
     first = prepare_teacher_and_student(tmp_path, 3, config=cfg, threads=None, progress=False)
     assert not first["cached"] and 0 <= first["teacher"]["accuracy"] <= 1 and 0 <= first["student"]["accuracy"] <= 1
     assert (Path(first["teacher"]["path"]) / "config.json").exists()
@@ -142,11 +142,11 @@ def test_cli_writes_prompt_files_and_summary(tmp_path):
     from megatron_bpd.tasks.__main__ import main
 
     out = tmp_path / "out"
-    main(["--out", str(out), "--digits", "2", "2", "--n-train", "16", "--n-test", "4", "--teacher-steps", "1",
+    main(["--out", str(out), "--difficulties", "2", "2", "--n-train", "16", "--n-test", "4", "--teacher-steps", "1",
           "--student-steps", "1", "--no-progress", "--seed", "5"])
     summary = json.loads((out / "summary.json").read_text())
     assert {"teacher", "student", "total_seconds", "train_jsonl", "test_jsonl"} <= set(summary)
-    assert summary["config"]["digits"] == [2, 2] and summary["config"]["seed"] == 5
+    assert summary["config"]["difficulties"] == [2, 2] and summary["config"]["seed"] == 5
     train = read_problems_jsonl(out / "train.jsonl")
     test = read_problems_jsonl(out / "test.jsonl")
     assert len(train) == 16 and len(test) == 4 and not {(p.a, p.b) for p in train} & {(p.a, p.b) for p in test}
@@ -234,3 +234,24 @@ def test_study_splits_are_disjoint_up_to_swaps_and_reorderings(name, tmp_path):
     assert read_prompts_jsonl(path, task.parse_prompt) == s["test"][:20]
     with pytest.raises(ValueError, match="unknown task 'nope'; known: addition, running_sum"):
         get_task("nope")
+
+
+def test_cli_prepares_a_running_sum_pair_on_its_study_split(tmp_path):
+    """--task running_sum: models with that task's tokenizer, fine-tuned on the ``sft`` split and evaluated on
+    ``dev``, at the requested item counts."""
+    from transformers import AutoTokenizer
+
+    from megatron_bpd.tasks.__main__ import main
+    from megatron_bpd.tasks.common import read_prompts_jsonl
+    from megatron_bpd.tasks.running_sum import parse_sum_prompt
+
+    out = tmp_path / "out"
+    summary = main(["--out", str(out), "--task", "running_sum", "--difficulties", "3", "4", "--n-train", "16",
+                    "--n-test", "4", "--teacher-steps", "1", "--student-steps", "1", "--no-progress"])
+    assert summary["config"]["task"] == "running_sum"
+    train = read_prompts_jsonl(out / "train.jsonl", parse_sum_prompt)
+    test = read_prompts_jsonl(out / "test.jsonl", parse_sum_prompt)
+    assert len(train) == 16 and len(test) == 4 and {p.difficulty for p in train + test} <= {3, 4}
+    assert not {p.key for p in train} & {p.key for p in test}
+    tok = AutoTokenizer.from_pretrained(summary["teacher"]["path"])
+    assert tok.tokenize("Sum")[0] == "Sum"  # the running-sum tokenizer (a merge the addition corpus lacks)

@@ -1,4 +1,4 @@
-"""``python -m megatron_bpd.tasks --out DIR``: prepare the addition-task teacher and student (cached), write the
+"""``python -m megatron_bpd.tasks --out DIR [--task NAME]``: prepare a task's teacher and student (cached), write the
 prompt files ``DIR/train.jsonl`` / ``DIR/test.jsonl`` and ``DIR/summary.json`` (accuracies, timings, paths)."""
 
 import argparse
@@ -8,7 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from megatron_bpd.tasks.common import write_prompts_jsonl
-from megatron_bpd.tasks.sft import PrepConfig, datasets, prepare_teacher_and_student
+from megatron_bpd.tasks.registry import TASKS
+from megatron_bpd.tasks.sft import datasets, prepare_teacher_and_student, recipe
 
 
 def main(argv=None) -> dict:
@@ -16,7 +17,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cache", default=None, help="model cache folder (default: OUT/models)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--digits", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    p.add_argument("--task", choices=sorted(TASKS), default="addition")
+    p.add_argument("--difficulties", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="the range of the horizon knob (addition: digits; running_sum: items)")
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--teacher-steps", type=int, default=None)
@@ -26,9 +29,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    cfg = PrepConfig(seed=args.seed)
-    if args.digits:
-        cfg = replace(cfg, digits=tuple(args.digits))
+    cfg = recipe(args.task, args.seed)
+    if args.difficulties:
+        cfg = replace(cfg, difficulties=tuple(args.difficulties))
     if args.n_train:
         cfg = replace(cfg, n_train=args.n_train)
     if args.n_test:

@@ -29,6 +29,7 @@ import torch
 
 from megatron_bpd.tasks.arithmetic import Problem, make_dataset
 from megatron_bpd.tasks.common import check
+from megatron_bpd.tasks.registry import get_task
 
 CACHE_VERSION = 1
 
@@ -215,28 +216,52 @@ class ModelSpec:
 
 @dataclass
 class PrepConfig:
-    """Everything that determines the prepared pair."""
+    """Everything that determines the prepared pair of ``task`` (``tasks.registry``), fine-tuned on problems of
+    ``difficulties`` (digits, items)."""
     seed: int = 0
-    digits: Tuple[int, int] = (2, 4)
+    difficulties: Tuple[int, int] = (2, 4)
+    task: str = "addition"
     n_train: int = 20000
     n_test: int = 200
     teacher: ModelSpec = field(default_factory=lambda: ModelSpec(steps=800, noise=0.1))  # repairs errors
     student: ModelSpec = field(default_factory=lambda: ModelSpec(steps=300))  # the teacher's shape, less trained
 
 
-def datasets(cfg: PrepConfig) -> Tuple[List[Problem], List[Problem]]:
-    """(train, test) problems of the preparation; the test set shares no problem with the train set."""
-    train = make_dataset(cfg.n_train, cfg.seed * 2 + 1, tuple(cfg.digits))
-    test = make_dataset(cfg.n_test, cfg.seed * 2 + 2, tuple(cfg.digits), exclude=train)
-    return train, test
+def recipe(task: str = "addition", seed: int = 0) -> PrepConfig:
+    """The recipe of ``task``'s shipped pair (``data/task_models``; ``python -m megatron_bpd.tasks --task``)."""
+    if task == "addition":
+        return PrepConfig(seed=seed)
+    if task == "running_sum":
+        return PrepConfig(seed=seed, task=task, difficulties=(2, 24), n_train=20000, n_test=200,
+                          teacher=ModelSpec(steps=3000, noise=0.1), student=ModelSpec(steps=600))
+    raise ValueError(f"no recipe for task {task!r}")
 
 
-def _build(spec: ModelSpec, init_dir: Path, out: Path, train: Sequence[Problem], seed: int, threads, progress) -> float:
+def datasets(cfg: PrepConfig) -> Tuple[list, list]:
+    """(train, test) problems of the preparation; the test set shares no problem with the train set. The addition
+    task keeps the split its shipped pair was made with; the other tasks take the ``sft`` and ``dev`` splits of
+    ``tasks.registry.study_splits`` (their first ``n_train`` / ``n_test``), restricted to ``difficulties``."""
+    if cfg.task == "addition":
+        train = make_dataset(cfg.n_train, cfg.seed * 2 + 1, tuple(cfg.difficulties))
+        return train, make_dataset(cfg.n_test, cfg.seed * 2 + 2, tuple(cfg.difficulties), exclude=train)
+    from megatron_bpd.tasks.registry import STUDY_SPLIT_SIZES, get_task, study_splits
+
+    if cfg.n_train > STUDY_SPLIT_SIZES["sft"] or cfg.n_test > STUDY_SPLIT_SIZES["dev"]:
+        raise ValueError(f"n_train <= {STUDY_SPLIT_SIZES['sft']} and n_test <= {STUDY_SPLIT_SIZES['dev']} (the study "
+                         f"splits' sizes), got {cfg.n_train} and {cfg.n_test}")
+    lo, hi = cfg.difficulties
+    split = study_splits(get_task(cfg.task), cfg.seed)
+    pick = lambda problems, n: [p for p in problems if lo <= p.difficulty <= hi][:n]  # noqa: E731
+    return pick(split["sft"], cfg.n_train), pick(split["dev"], cfg.n_test)
+
+
+def _build(spec: ModelSpec, task: str, init_dir: Path, out: Path, train: Sequence[Problem], seed: int, threads,
+           progress) -> float:
     from megatron_bpd.tasks.models import make_task_model
 
     t0 = time.perf_counter()
     make_task_model(init_dir, layers=spec.layers, hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads,
-                    head_dim=spec.head_dim, ffn=spec.ffn, tied=spec.tied, seed=seed)
+                    head_dim=spec.head_dim, ffn=spec.ffn, tied=spec.tied, seed=seed, task=task)
     train_sft(init_dir, train, spec.steps, spec.lr, spec.batch_size, seed, out, warmup=spec.warmup, noise=spec.noise,
               threads=threads, progress=progress)
     shutil.rmtree(init_dir, ignore_errors=True)
@@ -244,8 +269,9 @@ def _build(spec: ModelSpec, init_dir: Path, out: Path, train: Sequence[Problem],
 
 
 def _model_key(cfg: PrepConfig, role: str, spec: ModelSpec) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, "role": role, "seed": cfg.seed, "digits": list(cfg.digits),
-                       "n_train": cfg.n_train, "n_test": cfg.n_test, "spec": asdict(spec)}, sort_keys=True)
+    task = {} if cfg.task == "addition" else {"task": cfg.task}  # the addition pair's keys predate tasks
+    blob = json.dumps({"version": CACHE_VERSION, "role": role, "seed": cfg.seed, "digits": list(cfg.difficulties),
+                       **task, "n_train": cfg.n_train, "n_test": cfg.n_test, "spec": asdict(spec)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -274,12 +300,12 @@ def prepare_teacher_and_student(out_dir: Union[str, Path], seed: int = 0, *, con
             entry["cached"] = True
         else:
             shutil.rmtree(folder, ignore_errors=True)  # a folder without meta.json is an interrupted run
-            train_s = _build(spec, out_dir / f"{role}-{folder.name}-init", folder, train, model_seed, threads,
+            train_s = _build(spec, cfg.task, out_dir / f"{role}-{folder.name}-init", folder, train, model_seed, threads,
                              progress)
             t0 = time.perf_counter()
             per_digits: dict = {}
             acc = accuracy(folder, test, by_difficulty=per_digits)
-            entry = {"path": str(folder), "accuracy": acc, "accuracy_by_digits": {str(k): v for k, v in
+            entry = {"path": str(folder), "accuracy": acc, "accuracy_by_difficulty": {str(k): v for k, v in
                                                                                   per_digits.items()},
                      "n_test": len(test), "spec": asdict(spec), "train_seconds": round(train_s, 1),
                      "eval_seconds": round(time.perf_counter() - t0, 1)}
@@ -288,9 +314,9 @@ def prepare_teacher_and_student(out_dir: Union[str, Path], seed: int = 0, *, con
         summary[role] = entry
         if verbose:
             how = "reused" if entry["cached"] else f"train {entry['train_seconds']:.0f}s, eval {entry['eval_seconds']:.0f}s"
-            by = ", ".join(f"{k}: {v:.2f}" for k, v in entry["accuracy_by_digits"].items())
+            by = ", ".join(f"{k}: {v:.2f}" for k, v in entry["accuracy_by_difficulty"].items())
             print(f"[tasks] {role}: greedy accuracy {entry['accuracy']:.3f} on {entry['n_test']} held-out problems "
-                  f"(by digits {by}); {how} -> {folder}")
+                  f"(by {get_task(cfg.task).difficulty_name} {by}); {how} -> {folder}")
     summary["cached"] = summary["teacher"]["cached"] and summary["student"]["cached"]
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     if verbose:
