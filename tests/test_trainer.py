@@ -136,7 +136,8 @@ def test_resume_and_data_parallelism_give_the_losses_of_one_uninterrupted_proces
     assert {r["trajectory"] for r in trace} == {0, 1, 2} and {r["step"] for r in trace} == {0, 1, 2, 3}
     dp2 = {key(r): r for r in trace_dp2}
     for r in trace:
-        assert len(r["drift"]) == len(r["gate"]) > 0
+        assert len(r["drift"]) == len(r["gate"]) == len(r["response_ids"]) > 0
+        assert dp2[key(r)]["response_ids"] == r["response_ids"]
         np.testing.assert_allclose(dp2[key(r)]["drift"], r["drift"], atol=2e-5)
         np.testing.assert_allclose(dp2[key(r)]["gate"], r["gate"], atol=2e-5)
         np.testing.assert_allclose(r["gate"], reference_block_gates(r["drift"], 4), atol=1e-4)

@@ -257,8 +257,9 @@ class Trainer:
         return result
 
     def _trace_gates(self, data: RolloutData, mine: List[int], outputs: List[dict], seq_len: int, update) -> None:
-        """Append the per-position drift and gates of this update's trajectories among the step's first
-        ``gate_trace`` to ``gate_trace.jsonl`` (collective over all ranks; rank 0 writes)."""
+        """Append the per-position drift and gates (and the response's token ids, for drift by line) of this
+        update's trajectories among the step's first ``gate_trace`` to ``gate_trace.jsonl`` (collective over all
+        ranks; rank 0 writes)."""
         local = {}
         if ps.is_pipeline_last_stage():
             local = self._per_trajectory(data, mine, outputs, seq_len, ("drift", "gates"),
@@ -273,7 +274,8 @@ class Trainer:
         with open(self.out / "gate_trace.jsonl", "a") as f:
             for b, values in sorted((b, v) for part in parts for b, v in part.items()):
                 f.write(json.dumps({"step": self.step, "epoch": update[0], "minibatch": update[1], "trajectory": b,
-                                    "drift": rounded(values["drift"]), "gate": rounded(values["gates"])}) + "\n")
+                                    "drift": rounded(values["drift"]), "gate": rounded(values["gates"]),
+                                    "response_ids": list(data.trajectories.response_ids[b])}) + "\n")
 
     def _old_logprobs(self, data: RolloutData, sums: MetricSums) -> None:
         behavior = {b: torch.tensor(lp) for b, lp in enumerate(data.trajectories.behavior_logprobs)}
