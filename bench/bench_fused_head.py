@@ -115,7 +115,7 @@ def _worker(args):
     """One configuration in fresh processes: prints 'peak_bytes seconds'."""
     import torch.multiprocessing as mp
 
-    from megatron_bpd.serve.launch import free_port
+    from megatron_bpd.rollout.embedded import free_port
 
     head, path, tokens, tp, hidden_size, vocab, chunk, repeats = args
     ctx = mp.get_context("spawn")

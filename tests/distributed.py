@@ -12,7 +12,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from megatron_bpd.serve.launch import free_port
+from megatron_bpd.rollout.embedded import free_port
 
 
 def _worker(rank, world_size, port, fn, args, queue):

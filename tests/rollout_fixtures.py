@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_bpd.serve.launch import EmbeddedServer, free_port  # noqa: F401  (free_port: used by the tests)
+from megatron_bpd.rollout.embedded import EmbeddedServer, free_port  # noqa: F401  (free_port: used by the tests)
 
 VOCAB, EOS = 300, 2
 

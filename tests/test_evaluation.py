@@ -45,7 +45,7 @@ def test_greedy_accuracy_through_the_server_equals_transformers_greedy(tmp_path)
     from transformers import AutoTokenizer
 
     from megatron_bpd.rollout.client import ClientConfig, SGLangClient
-    from megatron_bpd.serve.launch import EmbeddedServer
+    from megatron_bpd.rollout.embedded import EmbeddedServer
     from megatron_bpd.tasks.arithmetic import make_dataset
     from megatron_bpd.tasks.common import check, write_prompts_jsonl
     from megatron_bpd.tasks.sft import generate

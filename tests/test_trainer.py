@@ -360,7 +360,7 @@ def _teacher_scores_agree(rank, world_size, config_path, teacher_dir):
 
     from megatron_bpd.rollout.client import ClientConfig, SGLangClient
     from megatron_bpd.rollout.teacher import SGLangTeacher
-    from megatron_bpd.serve.launch import EmbeddedServer
+    from megatron_bpd.rollout.embedded import EmbeddedServer
     from megatron_bpd.train.config import load_config
     from megatron_bpd.train.rollout_data import RolloutData
     from megatron_bpd.train.trainer import Trainer

@@ -103,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> EvalResult:
     from transformers import AutoTokenizer
 
-    from megatron_bpd.serve.launch import EmbeddedServer
+    from megatron_bpd.rollout.embedded import EmbeddedServer
 
     config = config_from_args(args)
     tokenizer_dir = args.tokenizer or args.model

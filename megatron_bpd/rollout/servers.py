@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_bpd.rollout.client import API_KEY_ENV, ClientConfig, SGLangClient
+from megatron_bpd.rollout.embedded import EmbeddedServer
 
 
 @dataclass
@@ -44,8 +45,6 @@ class ServerSet:
         self.teacher_urls = self._urls("teacher", teacher) if teacher is not None else None
 
     def _start(self, group: ServerGroup, model, name: str, version: Optional[str] = None):
-        from ..serve.launch import EmbeddedServer
-
         extra = ["--weight-version", version] if version is not None else []
         env = dict(os.environ, OMP_NUM_THREADS="1")
         return EmbeddedServer(model, log_path=self.log_dir / f"{name}.log", env=env, extra_args=extra,

@@ -1,5 +1,7 @@
 """The project's SGLang-protocol server (``megatron_bpd.serve``) in a subprocess on a free loopback port: for CPU
-training runs (``rollout.servers: [embedded]``), ``eval --model`` and tests."""
+training runs (``rollout.servers: [embedded]``), ``eval --model`` and tests. It starts ``python -m
+megatron_bpd.serve`` and speaks HTTP to it, importing nothing of ``serve`` (which builds on ``rollout``'s protocol):
+the dependency between the two packages runs one way."""
 
 from __future__ import annotations
 
