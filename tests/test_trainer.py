@@ -353,6 +353,20 @@ def test_unknown_config_keys_and_bad_layouts_are_errors(tiny, tmp_path):
         check_layout(load_config(write_config(tiny, tmp_path / "bad2"), ["parallel.tp=2"]), 3)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.policy=teacher", "teacher.source=megatron", "loss.kind=sft", "loss.gate.granularity=none"],
+     "rollout.policy 'teacher' .* needs teacher.source 'sglang', got 'megatron'"),
+    (["loss.temperature=0.7"], r"loss.temperature=0.7 must equal rollout.temperature=1.0"),
+    (["data.answer_checker=arith"], "data.answer_checker must be one of math, none, arithmetic, addition"),
+])
+def test_dry_run_catches_every_cross_section_error_before_starting_anything(overrides, message):
+    """The checks that need several sections run when the config is loaded, so ``--dry-run`` reports them too."""
+    from megatron_bpd.train.__main__ import main
+
+    with pytest.raises(ValueError, match=message):
+        main(["--dry-run", "--world-size", "8", "model.student=/models/Qwen3-1.7B-Base", *overrides])
+
+
 def _teacher_scores_agree(rank, world_size, config_path, teacher_dir):
     import asyncio
 

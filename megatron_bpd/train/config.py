@@ -164,6 +164,12 @@ class TrainConfig:
             raise ValueError("loss.behavior_weight_cap weighs the student's samples by pi_old / pi_behavior with a "
                              "recomputed (proximal) pi_old: it needs reuse.old_logprobs 'recompute' and "
                              f"rollout.policy 'student', got {self.reuse.old_logprobs!r} and {self.rollout.policy!r}")
+        if self.rollout.policy == "teacher" and self.teacher.source != "sglang":
+            raise ValueError("rollout.policy 'teacher' samples from the teacher servers: it needs teacher.source "
+                             f"'sglang', got {self.teacher.source!r}")
+        if self.loss.kind == "sampled_token" and self.loss.temperature != self.rollout.temperature:
+            raise ValueError(f"loss.temperature={self.loss.temperature} must equal rollout.temperature="
+                             f"{self.rollout.temperature}: behavior log-probs are at the rollout temperature")
         if self.gate_trace < 0:
             raise ValueError(f"gate_trace must be >= 0 (trajectories traced per step), got {self.gate_trace}")
         if self.eval.every:

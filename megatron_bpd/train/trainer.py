@@ -59,12 +59,6 @@ class Trainer:
         from ..models.qwen3.config import Qwen3Arch
 
         c = self.config = config
-        if c.rollout.policy == "teacher" and c.teacher.source != "sglang":
-            raise ValueError("rollout.policy 'teacher' samples from the teacher servers: it needs teacher.source "
-                             "'sglang'")
-        if c.loss.kind == "sampled_token" and c.loss.temperature != c.rollout.temperature:
-            raise ValueError(f"loss.temperature={c.loss.temperature} must equal rollout.temperature="
-                             f"{c.rollout.temperature}: behavior log-probs are at the rollout temperature")
         parallel.initialize(tp=c.parallel.tp, pp=c.parallel.pp, cp=c.parallel.cp, seed=c.seed)
         self.rank, self.main = dist.get_rank(), dist.get_rank() == 0
         self.out = Path(c.out)
