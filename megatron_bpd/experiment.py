@@ -90,11 +90,12 @@ class TaskRun:
         return dataclasses.replace(self, **changes)
 
 
-def task_prompts(data_dir, eval_problems: int, seed: int = 0, task: str = "addition", eval_split: str = "dev"):
+def task_prompts(data_dir, eval_problems: int, seed: int = 0, task: str = "addition", eval_split: str = "dev",
+                 horizon=None):
     """A task's prompt files under ``data_dir``: (training prompts, held-out prompts: the first ``eval_problems``).
     The addition task keeps the split its shipped pair was made with (``tasks.sft.PrepConfig(seed)``: the first 2000
-    training problems, the test problems); the other tasks use their study splits (``tasks.registry.study_splits``:
-    ``train`` and ``eval_split``, "dev" for every choice, "test" for the report)."""
+    training problems, the test problems); the other tasks use their study splits (``tasks.registry.study_splits``
+    at ``horizon``: ``train`` and ``eval_split``, "dev" for every choice, "test" for the report)."""
     from .tasks.common import write_prompts_jsonl
     from .tasks.registry import get_task, study_splits
 
@@ -104,7 +105,7 @@ def task_prompts(data_dir, eval_problems: int, seed: int = 0, task: str = "addit
         train, held_out = datasets(PrepConfig(seed=seed))
         train = train[:2000]
     else:
-        split = study_splits(get_task(task), seed)
+        split = study_splits(get_task(task), seed, horizon=horizon)
         train, held_out = split["train"], split[eval_split]
     data_dir = Path(data_dir)
     return (str(write_prompts_jsonl(data_dir / "prompts.jsonl", train)),

@@ -255,3 +255,15 @@ def test_cli_prepares_a_running_sum_pair_on_its_study_split(tmp_path):
     assert not {p.key for p in train} & {p.key for p in test}
     tok = AutoTokenizer.from_pretrained(summary["teacher"]["path"])
     assert tok.tokenize("Sum")[0] == "Sum"  # the running-sum tokenizer (a merge the addition corpus lacks)
+
+
+def test_study_splits_at_one_horizon_keep_the_sft_split():
+    from megatron_bpd.tasks.registry import get_task, study_splits
+
+    task = get_task("running_sum")
+    sizes = {"sft": 500, "train": 50, "dev": 20, "test": 40}
+    wide, long = study_splits(task, 0, sizes), study_splits(task, 0, sizes, horizon=24)
+    assert long["sft"] == wide["sft"] and {p.difficulty for p in long["sft"]} == set(range(2, 25))
+    assert all(p.difficulty == 24 for name in ("train", "dev", "test") for p in long[name])
+    keys = [{p.key for p in long[name]} for name in sizes]
+    assert sum(map(len, keys)) == len(set().union(*keys)) == sum(sizes.values())

@@ -74,14 +74,18 @@ def splits(task: Task, seed: int, sizes: Dict[str, int], difficulties: Dict[str,
 STUDY_SPLIT_SIZES = {"sft": 20000, "train": 2000, "dev": 300, "test": 500}
 
 
-def study_splits(task: Task, seed: int = 0, sizes: Dict[str, int] = STUDY_SPLIT_SIZES) -> Dict[str, list]:
-    """The splits of a study on ``task``: ``sft`` (what its teacher and student were fine-tuned on), ``train``
-    (the OPD prompts), ``dev`` (every choice: schedule, lr, tau, steps) and ``test`` (reported, never used for a
-    choice), pairwise disjoint by ``key``. The addition task's shipped pair predates these splits and was
-    fine-tuned on ``tasks.sft.datasets``; its study splits exclude that set as well."""
+def study_splits(task: Task, seed: int = 0, sizes: Dict[str, int] = STUDY_SPLIT_SIZES,
+                 horizon: Difficulties = None) -> Dict[str, list]:
+    """The splits of a study on ``task``: ``sft`` (what its teacher and student were fine-tuned on, over the task's
+    difficulties), then ``train`` (the OPD prompts), ``dev`` (every choice: schedule, lr, tau, steps) and ``test``
+    (reported, never used for a choice) at ``horizon`` (default: the task's difficulties; an int for a study at one
+    horizon), pairwise disjoint by ``key``. The ``sft`` split does not depend on ``horizon``. The addition task's
+    shipped pair predates these splits and was fine-tuned on ``tasks.sft.datasets``; its study splits exclude that
+    set as well."""
     exclude = []
     if task.name == "addition":
         from megatron_bpd.tasks.sft import PrepConfig, datasets
 
         exclude = datasets(PrepConfig(seed=seed))[0]
-    return splits(task, seed, sizes, exclude=exclude)
+    levels = {name: (task.difficulties if name == "sft" else horizon) for name in sizes}
+    return splits(task, seed, sizes, levels, exclude=exclude)
