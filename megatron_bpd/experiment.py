@@ -1,7 +1,7 @@
-"""One run-and-evaluate path for the experiments on the synthetic addition task: the CPU demo, the OPD regime study
-(``bench/opd_regime.py``) and the gate sweeps describe a run with ``TaskRun``, launch the trainer under torchrun
-with ``launch`` and read back its per-step metrics and held-out evaluations (``train/evaluation.py``) with
-``read_run``; ``mean_std`` and ``paired`` summarize seeds. Every number they report comes from the trainer's own
+"""One run-and-evaluate path for the experiments on the synthetic addition task: the CPU demo and the studies
+(``studies/``) describe a run with ``TaskRun``, launch the trainer under torchrun with ``launch`` and read back its
+per-step metrics and held-out evaluations (``train/evaluation.py``) with ``read_run`` (or ``run_record`` of the
+files a study archived); ``mean_std`` and ``paired`` summarize seeds. Every number they report comes from the trainer's own
 evaluation, so a study and the demo measure the same way.
 """
 
@@ -130,7 +130,8 @@ def launch_config(config: dict, follow: Optional[Callable[[dict], None]] = None)
         seen = 0
         while process.poll() is None:
             time.sleep(2)
-            records = _jsonl(out / "metrics.jsonl")
+            metrics = out / "metrics.jsonl"
+            records = _jsonl(metrics.read_text()) if metrics.exists() else []
             for record in records[seen:]:
                 if follow is not None:
                     follow(record)
@@ -145,17 +146,22 @@ def launch_config(config: dict, follow: Optional[Callable[[dict], None]] = None)
 
 
 def read_run(out) -> dict:
-    """``{"metrics": [per-step records], "evals": [held-out evaluations], "seconds": wall time or None}``."""
+    """``run_record`` of the run folder ``out``."""
     out = Path(out)
-    meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    return {"metrics": _jsonl(out / "metrics.jsonl"), "evals": _jsonl(out / "evals.jsonl"),
+    return run_record({name: (out / name).read_text() for name in ("run.json", "metrics.jsonl", "evals.jsonl")
+                       if (out / name).exists()})
+
+
+def run_record(files: dict) -> dict:
+    """``{"metrics": [per-step records], "evals": [held-out evaluations], "seconds": wall time or None}`` of a run
+    given as its files' texts (file name -> text; a study keeps its runs that way, ``studies/archive.py``)."""
+    meta = json.loads(files["run.json"]) if "run.json" in files else {}
+    return {"metrics": _jsonl(files.get("metrics.jsonl", "")), "evals": _jsonl(files.get("evals.jsonl", "")),
             "seconds": meta.get("seconds")}
 
 
-def _jsonl(path: Path) -> list:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _jsonl(text: str) -> list:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def mean_std(values) -> dict:
