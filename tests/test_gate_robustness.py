@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 import studies.study
 from studies import gate_robustness
@@ -52,7 +53,9 @@ def test_quick_writes_consistent_results(tmp_path, monkeypatch):
         assert not any(ABSOLUTE.search(tar.extractfile(name).read().decode()) for name in names)
     assert f"{bench.QUICK[0].name}/seed0/gate_trace.jsonl" in names and (tmp_path / "runs.tar.xz").stat().st_size
     archived = RunArchive(tmp_path / "runs.tar.xz").read(f"{bench.QUICK[0].name}/seed0")
-    assert archived["files"]["config.yaml"].startswith(f"out: runs/{bench.QUICK[0].name}/seed0\n")
+    config = yaml.safe_load(archived["files"]["config.yaml"])
+    assert config["out"] == f"runs/{bench.QUICK[0].name}/seed0" and config["data"]["prompts"] == "data/prompts.jsonl"
+    assert config["model"]["student"] == "megatron_bpd/data/task_models/student"
     trace = bench.read_trace(archived)
     # (1 epoch: each traced trajectory is trained once per step, in one of the 2 mini-batches)
     assert sorted((r["step"], r["trajectory"]) for r in trace) == [(s, b) for s in (0, 1) for b in range(bench.TRACED)]
