@@ -6,7 +6,7 @@ metadata, so the same runs give the same bytes; ``tar xJf runs.tar.xz`` unpacks 
 Paths are stored relative: the folder the study trained in (its ``out`` config holds ``<root>/runs/<key>``) and the
 repository prefix of ``megatron_bpd/data/...`` are cut off while packing, and a path that still names a machine's
 folder (``ABSOLUTE``) is an error. A study whose raw runs were never kept stores its ``results.json`` alone
-(``summary``).
+(``summary``); the data of a superseded study is packed the same way (``python -m studies.archive ARCHIVE --file``).
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ class RunArchive:
         with self._locked():
             self._files = self._load()  # another worker may have added runs since
             self._files.update(members)
-            self.write()
+            self._write()
 
-    def write(self) -> None:
+    def _write(self) -> None:
         """Write every member, sorted, with fixed metadata (mode 0644, no owner, time 0), atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + ".partial")
@@ -110,6 +110,7 @@ class RunArchive:
             yield
         finally:
             os.close(folder)  # releases the lock
+
 
 def main(argv=None) -> None:
     """``python -m studies.archive ARCHIVE [--runs DIR] [--file NAME=PATH ...]``: pack the runs a study trained into
