@@ -81,6 +81,15 @@ class Config:
             return {"granularity": "block", "block_size": int(self.gate[5:]), "tau": self.tau, **raw}
         return {"granularity": self.gate, "tau": self.tau, **raw}
 
+    def settings(self) -> dict:
+        """The trainer settings ("section.key": value, ``experiment.TaskRun.overrides``) of the schedule, the
+        staleness and the loss options; pi_old is the sampler's under staleness unless ``proximal``."""
+        return {"optimizer.lr": self.lr, "reuse.epochs": self.epochs, "reuse.minibatches": self.minibatches,
+                "rollout.max_staleness": self.staleness,
+                "reuse.old_logprobs": "rollout" if self.staleness and not self.proximal else "recompute",
+                "loss.adv_clip": self.adv_clip, "loss.dual_clip": self.dual_clip,
+                "loss.behavior_weight_cap": self.behavior_cap, "gate_trace": TRACED}
+
     def granularity(self) -> tuple:
         """(granularity, block size or None) as in results.json."""
         section = self.gate_section()
@@ -145,11 +154,7 @@ class GateRobustness(Study):
         return config.name
 
     def configure(self, config, base, args):
-        return base.replace(loss=config.loss, gate={"granularity": "none"} if config.loss == "sft" else
-                            config.gate_section(), lr=config.lr, epochs=config.epochs, minibatches=config.minibatches,
-                            staleness=config.staleness, adv_clip=config.adv_clip, dual_clip=config.dual_clip,
-                            old_logprobs="recompute" if config.proximal else None,
-                            behavior_weight_cap=config.behavior_cap, gate_trace=TRACED)
+        return base.replace(loss=config.loss, gate=config.gate_section(), overrides=config.settings())
 
     def summarize(self, runs, missing, args):
         sweeps = self.sweeps(args)

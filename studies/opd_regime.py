@@ -38,7 +38,7 @@ class OPDRegime(Study):
         parser.add_argument("--lr", type=float, default=TaskRun.lr)
         parser.add_argument("--epochs", type=int, default=TaskRun.epochs, help="reuse epochs per rollout batch")
         parser.add_argument("--minibatches", type=int, default=TaskRun.minibatches, help="mini-batches per epoch")
-        parser.add_argument("--adv-clip", type=float, default=TaskRun.adv_clip,
+        parser.add_argument("--adv-clip", type=float, default=5.0,  # the trainer's default, stated in the report
                             help="the sampled-token loss's advantage clamp (loss.adv_clip)")
         parser.add_argument("--tp", type=int, default=1)
 
@@ -50,7 +50,7 @@ class OPDRegime(Study):
 
     def configure(self, variant, base, args):
         return base.replace(lr=args.lr, tp=args.tp, epochs=args.epochs, minibatches=args.minibatches,
-                            adv_clip=args.adv_clip, **VARIANTS[variant][1])
+                            overrides={"loss.adv_clip": args.adv_clip}, **VARIANTS[variant][1])
 
     def summarize(self, runs, missing, args):
         rows, table = [], {}
