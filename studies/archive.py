@@ -7,6 +7,8 @@ Paths are stored relative: the folder the study trained in (its ``out`` config h
 repository prefix of ``megatron_bpd/data/...`` are cut off while packing, and a path that still names a machine's
 folder (``ABSOLUTE``) is an error. A study whose raw runs were never kept stores its ``results.json`` alone
 (``summary``); the data of a superseded study is packed the same way (``python -m studies.archive ARCHIVE --file``).
+``machine.json`` records the machine the runs trained on (``machine``), so a report regenerated elsewhere still
+states it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megatron_bpd.experiment import run_record
 
 STORED = ("config.yaml", "run.json", "metrics.jsonl", "evals.jsonl", "gate_trace.jsonl")
 SUMMARY = "results.json"
+MACHINE = "machine.json"  # {"machine", "python"} of the machine the runs trained on, which the report states
 ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:work|tmp|root|home)/")  # a folder of the machine a run ran on
 _REPO_PREFIX = re.compile(r"(?<![\w.~-])/(?:[\w.+-]+/)+?(?=megatron_bpd/data/)")
 
@@ -66,6 +69,10 @@ class RunArchive:
     def summary(self) -> Optional[dict]:
         """The stored ``results.json`` of a study without runs, else None."""
         return json.loads(self._files[SUMMARY]) if SUMMARY in self._files else None
+
+    def machine(self) -> Optional[dict]:
+        """``{"machine", "python"}`` of the machine the runs trained on, else None."""
+        return json.loads(self._files[MACHINE]) if MACHINE in self._files else None
 
     def add(self, runs: dict) -> None:
         """Pack finished runs (key -> the folder the trainer wrote) and rewrite the archive. A run's ``out`` config

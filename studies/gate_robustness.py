@@ -19,7 +19,6 @@ minibatches, lr, tau, staleness, seed, greedy, pass1, pass8, drift_abs_mean, gat
 from __future__ import annotations
 
 import json
-import platform
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -468,7 +467,7 @@ Made by:
 
     {command}
 
-**Machine:** {platform.machine()} CPU, OMP_NUM_THREADS=1, Python {platform.python_version()}. **Each run:**
+**Machine:** {args.machine['machine']} CPU, OMP_NUM_THREADS=1, Python {args.machine['python']}. **Each run:**
 {args.steps} steps x 64 prompts x 1 sample on the shipped teacher/student pair, Adam; held-out evaluation of
 {args.eval_problems} problems at steps 0, {args.eval_every}, ... (greedy; pass@1 and pass@{samples} from
 {samples} samples at T=1 / top-p 0.9). Mean ± std over seeds; the paired column is, per seed, the gated run minus

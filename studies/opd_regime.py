@@ -14,7 +14,6 @@ trains only the missing ones; ``--report-only`` none). Writes ``OUT/results.json
 
 from __future__ import annotations
 
-import platform
 import statistics
 
 from megatron_bpd.experiment import TaskRun, mean_std, paired
@@ -149,7 +148,7 @@ Made by:
 
     {command}
 
-**Machine:** {platform.machine()} CPU, OMP_NUM_THREADS=1, Python {platform.python_version()}. **Budget per run:**
+**Machine:** {args.machine['machine']} CPU, OMP_NUM_THREADS=1, Python {args.machine['python']}. **Budget per run:**
 {args.steps} steps x 64 prompts x 1 sample, {args.epochs} epoch(s) x {args.minibatches} mini-batches
 ({args.epochs * args.minibatches} optimizer updates per rollout batch), Adam lr {args.lr:g}, sampled-token advantage
 clamp {args.adv_clip:g}, TP={args.tp}; held-out evaluation of {args.eval_problems} problems every {args.eval_every}

@@ -7,7 +7,8 @@ each one trains (``configure``: a ``TaskRun`` from the shared base), and turns t
 - the command line every study takes (``--out``, ``--seeds``, ``--steps``, the held-out evaluation, ``--quick``,
   ``--report-only``, ``--worker K/N``, ``--only TEXT``, ``--work``) plus the study's own (``arguments``);
 - every run goes through ``experiment.launch`` in a scratch folder (``--work``, by default a temporary one) and is
-  then packed into ``OUT/runs.tar.xz`` (``archive.RunArchive``), the one file its report is regenerated from;
+  then packed into ``OUT/runs.tar.xz`` (``archive.RunArchive``), the one file its report is regenerated from, with
+  the machine it trained on (``args.machine``, which the report states);
 - ``--quick`` (a smoke test: 2 steps, 1 seed, 8 held-out problems) never writes into docs/.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
 import sys
 import tempfile
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from megatron_bpd.experiment import SHIPPED_MODELS, TaskRun, launch, task_prompts
 
-from .archive import RunArchive
+from .archive import MACHINE, RunArchive
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = "runs.tar.xz"
@@ -108,6 +110,7 @@ def main(study: Study, argv=None) -> dict:
     args.command = f"python -m studies.{study.name} " + " ".join(argv if argv is not None else sys.argv[1:])
     archive = RunArchive(args.out / ARCHIVE)
     runs, missing = run_all(study, archive, args)
+    args.machine = archive.machine() or this_machine()
     summary = study.summarize(runs, missing, args) if runs else archive.summary()
     if summary is None:
         parser.error("no finished run to report")
@@ -133,6 +136,8 @@ def run_all(study: Study, archive: RunArchive, args) -> tuple:
         base = TaskRun(out="", student=str(SHIPPED_MODELS / "student"), teacher=str(SHIPPED_MODELS / "teacher"),
                        prompts=prompts, eval_prompts=eval_prompts, steps=args.steps, eval_every=args.eval_every,
                        eval_limit=args.eval_problems, eval_samples=args.eval_samples)
+        if archive.machine() is None:
+            archive.put({MACHINE: json.dumps(this_machine())})
         for i, (identity, seed, key) in enumerate(mine):
             study.log(f"[{i + 1}/{len(mine)}] {key}")
             run_dir = work / "runs" / key
@@ -147,3 +152,8 @@ def run_all(study: Study, archive: RunArchive, args) -> tuple:
     held = archive.keys()
     runs = {(identity, seed): archive.read(key) for identity, seed, key in planned if key in held}
     return runs, [key for _, _, key in planned if key not in held]
+
+
+def this_machine() -> dict:
+    """The ``archive.MACHINE`` record of this machine."""
+    return {"machine": platform.machine(), "python": platform.python_version()}

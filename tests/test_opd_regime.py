@@ -25,8 +25,11 @@ def _evaluation(step, greedy, pass1, kl):
     return {"step": step, "student": scores, "teacher": {**scores, "greedy": 0.99, "pass1": 0.9}, "support_kl": kl}
 
 
+MACHINE = {"machine.json": json.dumps({"machine": "m68k", "python": "2.7.18"})}  # where the runs trained
+
+
 def _archive_runs(out: Path):
-    RunArchive(out / "runs.tar.xz").put({
+    RunArchive(out / "runs.tar.xz").put(MACHINE | {
         f"{variant}/seed{seed}/{name}": text for (variant, seed), final in FINAL.items() for name, text in (
             ("run.json", json.dumps({"seconds": 300.0 + seed})),
             ("evals.jsonl", "\n".join(json.dumps(_evaluation(s, *v)) for s, v in ((0, BASE), (10, final))) + "\n"))})
@@ -57,6 +60,7 @@ def test_report_from_archived_runs(tmp_path):
     assert (tmp_path / "eval_curves.png").stat().st_size > 0
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# On-policy distillation") and f"python -m studies.opd_regime --out {tmp_path} --seeds" in md
+    assert "**Machine:** m68k CPU, OMP_NUM_THREADS=1, Python 2.7.18." in md  # the archive's, not this machine's
     assert "2 epoch(s) x 4 mini-batches" in md and "(8 optimizer updates per rollout batch)" in md
     assert "Adam lr 0.0001, sampled-token advantage\nclamp 1," in md
     assert "| sampled-token OPD | 2 | 0.650 ± 0.071 | 0.510 ± 0.014 | +0.250 ± 0.071 | +0.210 ± 0.014 |" in md
@@ -64,7 +68,7 @@ def test_report_from_archived_runs(tmp_path):
 
     # A study whose runs were not kept: its archive holds results.json, which the report is made from again.
     other = tmp_path / "summary_only"
-    RunArchive(other / "runs.tar.xz").put({"results.json": json.dumps(summary)})
+    RunArchive(other / "runs.tar.xz").put(MACHINE | {"results.json": json.dumps(summary)})
     again = study.main(argv[:1] + [str(other), "--report-only"] + argv[2:])
     assert again == saved and (other / "report.md").read_text() == md.replace(
         f"--out {tmp_path} ", f"--out {other} --report-only ")
