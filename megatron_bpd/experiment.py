@@ -1,8 +1,8 @@
-"""One run-and-evaluate path for the experiments on the synthetic addition task: the CPU demo, the OPD regime study
-(``bench/opd_regime.py``) and the gate sweeps describe a run with ``TaskRun``, launch the trainer under torchrun
-with ``launch`` and read back its per-step metrics and held-out evaluations (``train/evaluation.py``) with
-``read_run``; ``mean_std`` and ``paired`` summarize seeds. Every number they report comes from the trainer's own
-evaluation, so a study and the demo measure the same way.
+"""One run-and-evaluate path for the experiments on the synthetic tasks: the CPU demo and the studies
+(``studies/``) describe a run with ``TaskRun``, launch the trainer under torchrun with ``launch`` and read back its
+per-step metrics and held-out evaluations (``train/evaluation.py``) with ``read_run`` (or ``run_record`` of the
+files a study archived); ``mean_std`` and ``paired`` summarize seeds. Every number they report comes from the
+trainer's own evaluation, so a study and the demo measure the same way.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class TaskRun:
-    """A distillation run on the addition task. ``loss``: "sampled_token" | "topk_lsm" (OPD, the student samples)
+    """A distillation run on a synthetic ``task`` (``tasks.registry``). ``loss``: "sampled_token" | "topk_lsm" (OPD, the student samples)
     or "sft" (the control: SFT on teacher samples, the same number of optimizer updates). ``gate`` is a
-    ``loss.gate`` section; ``epochs`` x ``minibatches`` optimizer updates per rollout batch."""
+    ``loss.gate`` section; ``epochs`` x ``minibatches`` optimizer updates per rollout batch. ``overrides`` sets any
+    other TrainConfig setting ("section.key": value, e.g. ``{"rollout.max_staleness": 2}``) over these."""
 
     out: str
     student: str
@@ -54,37 +55,34 @@ class TaskRun:
     eval_every: int = 5
     eval_limit: int = 100
     eval_samples: int = 2
-    staleness: int = 0  # rollouts sampled k weight versions behind (rollout.max_staleness; behavior log-probs)
-    adv_clip: float = 5.0  # the sampled-token loss's advantage clamp (loss.adv_clip)
-    dual_clip: Optional[float] = None  # dual-clip PPO's c (loss.dual_clip; None: off)
-    # reuse.old_logprobs; None: "rollout" under staleness (the policy that sampled), else "recompute"
-    old_logprobs: Optional[str] = None
-    behavior_weight_cap: Optional[float] = None  # decoupled PPO's truncated pi_old / pi_behavior (loss.*; None: off)
-    gate_trace: int = 0  # trajectories per step whose per-position drift and gates go to gate_trace.jsonl
+    overrides: dict = field(default_factory=dict)
 
     def config(self) -> dict:
         """The trainer config (``python -m megatron_bpd.train --config``) of this run."""
         control = self.loss == "sft"
-        return {
-            "out": self.out, "steps": self.steps, "seed": self.seed, "gate_trace": self.gate_trace,
+        config = {
+            "out": self.out, "steps": self.steps, "seed": self.seed,
             "model": {"student": self.student},
             "parallel": {"tp": self.tp},
             "data": {"prompts": self.prompts, "answer_checker": self.task, "apply_chat_template": True},
             "rollout": {"policy": "teacher" if control else "student", "prompts_per_step": self.prompts_per_step,
                         "samples_per_prompt": self.samples_per_prompt, "temperature": 1.0, "top_p": 0.9,
-                        "max_new_tokens": self.max_new_tokens, "max_concurrency": 64,
-                        "max_staleness": self.staleness},
+                        "max_new_tokens": self.max_new_tokens, "max_concurrency": 64},
             "teacher": {"source": "sglang", "model": self.teacher, "top_k": self.top_k},
-            "loss": {"kind": self.loss, "gate": {"granularity": "none"} if control else dict(self.gate),
-                     "adv_clip": self.adv_clip, "dual_clip": self.dual_clip,
-                     "behavior_weight_cap": self.behavior_weight_cap},
+            "loss": {"kind": self.loss, "gate": {"granularity": "none"} if control else dict(self.gate)},
             "reuse": {"epochs": self.epochs, "minibatches": self.minibatches,
-                      "micro_batch_size": self.micro_batch_size,
-                      "old_logprobs": self.old_logprobs or ("rollout" if self.staleness else "recompute")},
+                      "micro_batch_size": self.micro_batch_size},
             "optimizer": {"optimizer": "adam", "lr": self.lr, "clip_grad": 1.0},
             "eval": {"every": self.eval_every, "prompts": self.eval_prompts, "limit": self.eval_limit,
                      "samples": self.eval_samples},
         }
+        for key, value in self.overrides.items():
+            *sections, name = key.split(".")
+            node = config
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = value
+        return config
 
     def replace(self, **changes) -> "TaskRun":
         return dataclasses.replace(self, **changes)
@@ -141,7 +139,8 @@ def launch_config(config: dict, follow: Optional[Callable[[dict], None]] = None)
         seen = 0
         while process.poll() is None:
             time.sleep(2)
-            records = _jsonl(out / "metrics.jsonl")
+            metrics = out / "metrics.jsonl"
+            records = _jsonl(metrics.read_text()) if metrics.exists() else []
             for record in records[seen:]:
                 if follow is not None:
                     follow(record)
@@ -156,17 +155,22 @@ def launch_config(config: dict, follow: Optional[Callable[[dict], None]] = None)
 
 
 def read_run(out) -> dict:
-    """``{"metrics": [per-step records], "evals": [held-out evaluations], "seconds": wall time or None}``."""
+    """``run_record`` of the run folder ``out``."""
     out = Path(out)
-    meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-    return {"metrics": _jsonl(out / "metrics.jsonl"), "evals": _jsonl(out / "evals.jsonl"),
+    return run_record({name: (out / name).read_text() for name in ("run.json", "metrics.jsonl", "evals.jsonl")
+                       if (out / name).exists()})
+
+
+def run_record(files: dict) -> dict:
+    """``{"metrics": [per-step records], "evals": [held-out evaluations], "seconds": wall time or None}`` of a run
+    given as its files' texts (file name -> text; a study keeps its runs that way, ``studies/archive.py``)."""
+    meta = json.loads(files["run.json"]) if "run.json" in files else {}
+    return {"metrics": _jsonl(files.get("metrics.jsonl", "")), "evals": _jsonl(files.get("evals.jsonl", "")),
             "seconds": meta.get("seconds")}
 
 
-def _jsonl(path: Path) -> list:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _jsonl(text: str) -> list:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def mean_std(values) -> dict:

@@ -1,39 +1,35 @@
-"""bench/gate_robustness.py --quick end to end (2 configurations x 1 seed x 2 steps: trainer + embedded servers,
-one of them with overlapped rollouts k=1): results.json has the issue's fields with probabilities in order, the
-gate trace is read back, the report and plots are written, a second call trains nothing, and --quick refuses
-docs/."""
+"""studies/gate_robustness.py --quick end to end (2 configurations x 1 seed x 2 steps: trainer + embedded servers,
+one of them with overlapped rollouts k=1): results.json has the issue's fields with probabilities in order, the runs
+are archived with relative paths and their gate trace is read back, the report and plots are written, a second call
+trains nothing, and --quick refuses docs/."""
 
-import importlib.util
 import json
-import sys
-import time
+import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
+
+import studies.study
+from studies import gate_robustness
+from studies.archive import ABSOLUTE, RunArchive
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench" / "gate_robustness.py"
 FIELDS = ("variant", "loss", "granularity", "block_size", "reuse_epochs", "staleness", "seed", "pass1", "pass2",
           "greedy", "drift_abs_mean", "gate_min", "gate_std")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gate_robustness", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.newest_only
-def test_quick_writes_consistent_results(tmp_path):
-    bench = _load()
+def test_quick_writes_consistent_results(tmp_path, monkeypatch):
+    bench, study = gate_robustness, gate_robustness.GateRobustness()
     with pytest.raises(SystemExit):
-        bench.main(["--quick", "--out", str(ROOT / "docs" / "results" / "gate_quick")])
+        study.main(["--quick", "--out", str(ROOT / "docs" / "results" / "gate_quick")])
     assert not (ROOT / "docs" / "results" / "gate_quick").exists()
 
-    bench.main(["--quick", "--out", str(tmp_path)])
+    study.main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert not list((tmp_path / "work" / "runs").rglob("*.jsonl"))  # each run left its scratch folder once archived
+    tmp_path = tmp_path / "out"
     for name in ("report.md", "results.json", "sweeps.png", "gate_effect.png", "drift_by_block.png",
                  "gate_trace.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -51,16 +47,26 @@ def test_quick_writes_consistent_results(tmp_path):
         ("sampled_token", "block", bench.BLOCK, 1)
     assert rows[bench.QUICK[1].name]["granularity"] == "span"
 
-    # The gate trace of the traced trajectories, read back.
-    trace = bench.read_trace(tmp_path / "runs" / bench.QUICK[0].name / "seed0")
+    # The runs, archived with relative paths, and the gate trace of the traced trajectories read back.
+    with tarfile.open(tmp_path / "runs.tar.xz") as tar:
+        names = tar.getnames()
+        assert not any(ABSOLUTE.search(tar.extractfile(name).read().decode()) for name in names)
+    assert f"{bench.QUICK[0].name}/seed0/gate_trace.jsonl" in names and (tmp_path / "runs.tar.xz").stat().st_size
+    archived = RunArchive(tmp_path / "runs.tar.xz").read(f"{bench.QUICK[0].name}/seed0")
+    config = yaml.safe_load(archived["files"]["config.yaml"])
+    assert config["out"] == f"runs/{bench.QUICK[0].name}/seed0" and config["data"]["prompts"] == "data/prompts.jsonl"
+    assert config["model"]["student"] == "megatron_bpd/data/task_models/student"
+    trace = bench.read_trace(archived)
     # (1 epoch: each traced trajectory is trained once per step, in one of the 2 mini-batches)
     assert sorted((r["step"], r["trajectory"]) for r in trace) == [(s, b) for s in (0, 1) for b in range(bench.TRACED)]
     assert {(r["epoch"], r["minibatch"]) for r in trace} <= {(0, 0), (0, 1)}
     assert len(bench.drift_by_block(trace)) >= 2
     md = (tmp_path / "report.md").read_text()
-    assert "python bench/gate_robustness.py --quick" in md and "| sampled-token OPD + Block16 |" in md
+    assert "python -m studies.gate_robustness --quick" in md and "| sampled-token OPD + Block16 |" in md
 
-    start = time.perf_counter()  # a second call finds every run cached: no training, the same rows
-    again = bench.main(["--quick", "--out", str(tmp_path)])
-    assert time.perf_counter() - start < 30
+    def no_training(run):
+        raise AssertionError(f"{run.out} trained again")
+
+    monkeypatch.setattr(studies.study, "launch", no_training)  # a second call finds every run archived
+    again = study.main(["--quick", "--out", str(tmp_path)])
     assert json.loads(json.dumps(again["runs"])) == saved["runs"]
