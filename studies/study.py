@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from megatron_bpd.experiment import SHIPPED_MODELS, TaskRun, launch, task_prompts
+from megatron_bpd.experiment import TaskRun, launch, task_prompts
+from megatron_bpd.tasks.registry import TASKS
 
 from .archive import MACHINE, RunArchive
 
@@ -36,6 +37,7 @@ class Study:
     methods below; ``main`` runs it."""
 
     name = ""
+    task = "addition"  # the task (``tasks.registry``) whose shipped pair every run starts from
     eval_every = TaskRun.eval_every
     eval_samples = TaskRun.eval_samples
 
@@ -45,6 +47,11 @@ class Study:
     def plan(self, args) -> list:
         """The runs, in report order: ``[(identity, seed)]``."""
         raise NotImplementedError
+
+    def prompt_files(self, identity, data_dir: Path, args) -> tuple:
+        """(training prompts, held-out prompts) of ``identity``'s runs, written under ``data_dir`` (default: the
+        task's, the same for every run)."""
+        return task_prompts(data_dir, args.eval_problems, task=self.task)
 
     def run_name(self, identity) -> str:
         """The folder name of ``identity``'s runs."""
@@ -132,16 +139,19 @@ def run_all(study: Study, archive: RunArchive, args) -> tuple:
     mine = [] if args.report_only else [item for item in selected[worker::workers] if item[2] not in held]
     if mine:
         work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix=f"{study.name}-"))
-        prompts, eval_prompts = task_prompts(work / "data", args.eval_problems)
-        base = TaskRun(out="", student=str(SHIPPED_MODELS / "student"), teacher=str(SHIPPED_MODELS / "teacher"),
-                       prompts=prompts, eval_prompts=eval_prompts, steps=args.steps, eval_every=args.eval_every,
-                       eval_limit=args.eval_problems, eval_samples=args.eval_samples)
+        task = TASKS[study.task]
+        base = TaskRun(out="", student=str(task.models / "student"), teacher=str(task.models / "teacher"),
+                       prompts="", eval_prompts="", task=study.task, steps=args.steps, eval_every=args.eval_every,
+                       eval_limit=args.eval_problems, eval_samples=args.eval_samples,
+                       max_new_tokens=max(TaskRun.max_new_tokens, task.max_new_tokens()))
         if archive.machine() is None:
             archive.put({MACHINE: json.dumps(this_machine())})
         for i, (identity, seed, key) in enumerate(mine):
             study.log(f"[{i + 1}/{len(mine)}] {key}")
             run_dir = work / "runs" / key
-            result = launch(study.configure(identity, base.replace(seed=seed), args).replace(out=str(run_dir)))
+            prompts, eval_prompts = study.prompt_files(identity, work / "data", args)
+            run = base.replace(seed=seed, prompts=prompts, eval_prompts=eval_prompts)
+            result = launch(study.configure(identity, run, args).replace(out=str(run_dir)))
             first, last = result["evals"][0]["student"], result["evals"][-1]["student"]
             study.log(f"    greedy {first['greedy']:.3f} -> {last['greedy']:.3f}, pass@1 {first['pass1']:.3f} -> "
                       f"{last['pass1']:.3f} in {result['seconds']:.0f} s")
