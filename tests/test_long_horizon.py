@@ -1,0 +1,64 @@
+"""The long-horizon study's bookkeeping on synthetic runs: arms and their references, the results.json row with
+the locality measures, paired comparisons with intervals, and the report."""
+
+import argparse
+import json
+
+import pytest
+
+from studies.long_horizon import Arm, LongHorizon, comparisons, premise_gains, report, row
+
+
+def _run(greedy, pass1, pass8, drift):
+    evals = [{"step": 0, "student": {"n": 10, "greedy": 0.3, "pass1": 0.25, "pass8": 0.5}, "teacher": {"greedy": 1.0}},
+             {"step": 4, "student": {"n": 10, "greedy": greedy, "pass1": pass1, "pass8": pass8}}]
+    metrics = [{"step": s, "response_length": 300 + s, "drift_abs_mean": 0.01, "gate_min": 0.5 + 0.1 * s,
+                "gate_std": 0.1} for s in range(4)]
+    trace = [{"drift": [0.0] * 8, "response_ids": [1] * 8},  # a first update: no drift yet, left out
+             {"drift": drift, "response_ids": ([5] * 15 + [9]) * (len(drift) // 16)}]
+    return {"evals": evals, "metrics": metrics, "seconds": 60.0,
+            "files": {"gate_trace.jsonl": "\n".join(json.dumps(t) for t in trace)}}
+
+
+def _args(**kw):
+    base = dict(horizons=[4, 24], updates=8, lr=1e-4, taus=[4.0], split="dev", section=["premise", "gate"],
+                quick=False, steps=20, seeds=[0, 1, 2], eval_samples=8, command="python -m studies.long_horizon")
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_arms_sections_and_references():
+    study = LongHorizon()
+    arms = study.arms(_args())
+    names = [a.name for a in arms]
+    assert len(names) == len(set(names))  # the premise's long ungated run is the gate section's reference, once
+    assert Arm(24, updates=1).schedule() == {"epochs": 1, "minibatches": 1}
+    assert Arm(24).schedule() == {"epochs": 4, "minibatches": 2}
+    gated = Arm(24, gate="block64", tau=4.0)
+    assert gated.reference() == Arm(24) and Arm(24).reference() is None
+    assert gated.gate_section() == {"granularity": "block", "block_size": 64, "tau": 4.0}
+    assert Arm(24, gate="newline", normalize=False).gate_section() == {"granularity": "span", "tau": 1.0,
+                                                                       "normalize": False}
+    assert Arm(24, loss="sft").reference() == Arm(24) and Arm(24, loss="sft").gate_section() == {"granularity": "none"}
+    assert study.arms(_args(quick=True)) == [Arm(4, updates=1)]
+
+
+def test_row_comparisons_and_report():
+    args = _args(section=["gate"], horizons=[24])
+    local = [0.0] * 64
+    local[16:32] = [0.5] * 16  # one 16-token block of 4 holds all the drift
+    ref, gated = Arm(24), Arm(24, gate="block64")
+    runs = {(ref, s): _run(0.5, 0.40 + 0.01 * s, 0.70, local) for s in range(3)}
+    runs.update({(gated, s): _run(0.5, 0.43 + 0.02 * s, 0.72 + 0.01 * s, local) for s in range(3)})
+    rows = [row(arm, seed, run, args, newline=[9]) for (arm, seed), run in runs.items()]
+    r = rows[0]
+    assert r["drift_top10_share"] == pytest.approx(1.0) and r["response_tokens_median"] == 301.5
+    assert r["gate_min"] == pytest.approx(0.5) and r["pass8"] == 0.70 and r["n_eval"] == 10
+    assert r["drift_by_line"] == pytest.approx([0.0, 0.5, 0.0, 0.0])
+    comp = comparisons(rows, [ref, gated])[gated.name]
+    assert comp["pass1"]["mean"] == pytest.approx(0.04) and comp["pass1"]["n"] == 3
+    assert comp["pass8"]["ci"][0] < 0.03 < comp["pass8"]["ci"][1]  # diffs 0.02, 0.03, 0.04
+    summary = {"runs": rows, "table": LongHorizon().summarize(runs, [], args)["table"],
+               "comparisons": {gated.name: comp}, "meta": {"missing_runs": []}}
+    text = report(summary, [ref, gated], args)
+    assert "sampled-token + Block64" in text and "+0.030 [" in text
+    assert premise_gains(rows)[(24, 8)]["mean"] == pytest.approx(0.16)
