@@ -140,7 +140,8 @@ def task_run(config: Config, args, run_dir: Path, seed: int) -> TaskRun:
                    gate={"granularity": "none"} if config.loss == "sft" else config.gate_section(),
                    steps=args.steps, seed=seed, lr=config.lr, epochs=config.epochs, minibatches=config.minibatches,
                    staleness=config.staleness, adv_clip=config.adv_clip, dual_clip=config.dual_clip,
-                   old_logprobs="recompute" if config.proximal else None, behavior_weight_cap=config.behavior_cap,
+                   old_logprobs="recompute" if config.proximal else None,
+                   drift_control=None if config.behavior_cap is None else {"kind": "tis", "cap": config.behavior_cap},
                    eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples,
                    gate_trace=TRACED)
 
@@ -174,7 +175,8 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
     before, after = run["evals"][0], run["evals"][-1]
     metrics = run["metrics"]
     series = lambda key: [m[key] for m in metrics if key in m]  # noqa: E731
-    behavior_drift, behavior_weight = series("behavior_drift_abs_mean"), series("behavior_weight_mean")
+    behavior_drift = series("behavior_drift_abs_mean")
+    behavior_weight = series("drift_weight_mean") or series("behavior_weight_mean")  # the name before drift_control
     granularity, block = config.granularity()
     return {
         "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,

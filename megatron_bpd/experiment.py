@@ -57,7 +57,7 @@ class TaskRun:
     dual_clip: Optional[float] = None  # dual-clip PPO's c (loss.dual_clip; None: off)
     # reuse.old_logprobs; None: "rollout" under staleness (the policy that sampled), else "recompute"
     old_logprobs: Optional[str] = None
-    behavior_weight_cap: Optional[float] = None  # decoupled PPO's truncated pi_old / pi_behavior (loss.*; None: off)
+    drift_control: Optional[dict] = None  # loss.drift_control (e.g. {"kind": "tis", "cap": 2}; None: off)
     gate_trace: int = 0  # trajectories per step whose per-position drift and gates go to gate_trace.jsonl
 
     def config(self) -> dict:
@@ -75,7 +75,7 @@ class TaskRun:
             "teacher": {"source": "sglang", "model": self.teacher, "top_k": self.top_k},
             "loss": {"kind": self.loss, "gate": {"granularity": "none"} if control else dict(self.gate),
                      "adv_clip": self.adv_clip, "dual_clip": self.dual_clip,
-                     "behavior_weight_cap": self.behavior_weight_cap},
+                     "drift_control": self.drift_control or {"kind": "none"}},
             "reuse": {"epochs": self.epochs, "minibatches": self.minibatches,
                       "micro_batch_size": self.micro_batch_size,
                       "old_logprobs": self.old_logprobs or ("rollout" if self.staleness else "recompute")},
