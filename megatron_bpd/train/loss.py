@@ -131,7 +131,8 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
     """Gated OPD loss of one micro-batch: ``(loss, metrics)``; ``logits`` vocab-parallel ``[b, s, V/tp]``, or
     ``HiddenStates`` for the fused output layer (the same loss, the logits never held).
 
-    ``loss`` = sum over this rank's valid positions of m * g * l, divided by ``num_tokens`` (the valid-token count
+    ``loss`` = sum over this rank's valid positions of m * g * (w * l + pen) (w, pen: the drift control's weight and
+    penalty; 1 and 0 without one), divided by ``num_tokens`` (the valid-token count
     of the whole optimizer-step batch: all micro-batches, DP and CP ranks), so that the losses of all micro-batches
     and ranks add up to the loss of the whole batch. ``normalizer``: the summed gate normalizer terms for the
     gate scope "global". ``m2_cutoff``: the drift control m2po's cutoff over the whole optimizer-step batch
