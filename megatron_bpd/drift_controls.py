@@ -26,6 +26,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from .losses import _check_finite, _check_same_shape
+
 KINDS = ("none", "token_drop", "icepop", "tis", "seq_mask", "m2po")
 PARAMETERS = {"token_drop": ("drop_below", "drop_above", "penalty"), "icepop": ("ratio_bounds",), "tis": ("cap",),
               "seq_mask": ("seq_bounds",), "m2po": ("m2_threshold",)}
@@ -168,8 +170,14 @@ def squared_log_ratios(old: torch.Tensor, behavior: torch.Tensor, mask: torch.Te
 def drift_weights(config: DriftControlConfig, cur: torch.Tensor, old: torch.Tensor, behavior: torch.Tensor,
                   mask: torch.Tensor, *, reduce=None, m2_cutoff: Optional[torch.Tensor] = None) -> torch.Tensor:
     """w_t ``[...]`` float64 (detached, 0 where masked) of ``config.kind`` (not "none"); ``cur`` is read only by
-    token_drop, ``reduce`` only by seq_mask, ``m2_cutoff`` (``m2po_cutoff`` of the whole batch) only by m2po."""
+    token_drop, ``reduce`` only by seq_mask, ``m2_cutoff`` (``m2po_cutoff`` of the whole batch) only by m2po. A
+    NaN/inf log-prob that the control reads at a valid position is a ValueError naming the position."""
     mask = mask != 0
+    read = dict(behavior_logprobs=behavior, **({"cur_logprobs": cur} if config.ratio == "current/behavior"
+                                                else {"old_logprobs": old}))
+    _check_same_shape(loss_mask=mask, **read)
+    for name, values in read.items():
+        _check_finite(name, values.detach(), mask)
     if config.kind == "token_drop":
         return token_drop_weights(cur, behavior, mask, config.drop_below, config.drop_above)
     if config.kind == "icepop":

@@ -100,6 +100,18 @@ def test_weights_metrics_loss_and_gradient_match_the_formulas(config):
         assert cur.grad[t].item() == pytest.approx(fd, abs=1e-6), t
 
 
+def test_bad_inputs_are_named():
+    cur, old, _, mask, _, behavior = case(8)
+    position = int(mask.nonzero()[0])
+    bad = behavior.clone()
+    bad[position] = float("nan")
+    for config in CONTROLS:
+        with pytest.raises(ValueError, match=rf"non-finite behavior_logprobs at valid position \[{position}\]"):
+            drift_weights(config, cur, old, bad, mask, m2_cutoff=torch.tensor(1.0))
+        with pytest.raises(ValueError, match="shapes differ"):
+            drift_weights(config, cur, old, behavior[:-1], mask, m2_cutoff=torch.tensor(1.0))
+
+
 def test_seq_mask_masks_whole_sequences_by_the_geometric_mean_and_reduces_over_split_rows():
     cur, old, teacher, mask, gates, behavior = case(5, n=48, spread=0.08)
     rows = [x.view(4, 12) for x in (old, behavior, mask)]
@@ -188,7 +200,7 @@ def test_bad_settings_are_named_config_errors(overrides, message):
         load_config(None, overrides)
 
 
-def test_the_dry_run_catches_a_bad_control(capsys):
+def test_the_dry_run_catches_a_bad_control():
     from megatron_bpd.train.__main__ import main
 
     with pytest.raises(ValueError, match="ratio_bounds must be"):
