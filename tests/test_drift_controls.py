@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
+from test_losses import random_case, reference_sampled_token
 from megatron_bpd.drift_controls import (DriftControlConfig, control_metrics, drift_penalty, drift_weights,
                                          m2po_cutoff, seq_mask_weights, squared_log_ratios)
 from megatron_bpd.losses import sampled_token_opd_loss
-from test_losses import random_case, reference_sampled_token
 
 
 def case(seed=0, n=40, spread=0.4):
