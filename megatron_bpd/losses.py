@@ -49,51 +49,33 @@ def gated_mean(per_position: torch.Tensor, loss_mask: torch.Tensor, gates: Optio
 def sampled_token_opd_loss(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
                            loss_mask: torch.Tensor, gates: Optional[torch.Tensor] = None,
                            clip_eps: Tuple[float, float] = (0.2, 0.2), adv_clip: float = 5.0,
-                           num_tokens: Optional[torch.Tensor] = None, dual_clip: Optional[float] = None):
+                           num_tokens: Optional[torch.Tensor] = None, dual_clip: Optional[float] = None,
+                           advantage_from: str = "old"):
     """PPO clipped surrogate with the teacher's log-ratio as advantage; ``(loss, metrics)``.
 
-    A_t = clamp(lp_teach_t - lp_old_t, -adv_clip, adv_clip) (detached, not normalized);
+    A_t = clamp(lp_teach_t - lp_old_t, -adv_clip, adv_clip) (detached, not normalized); with ``advantage_from``
+    "current" (AsyncOPD) A_t = clamp(lp_teach_t - stopgrad(lp_cur_t), ...): recomputed from the current student;
     r_t = exp(lp_cur_t - lp_old_t);  l_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t).
     ``dual_clip`` c > 1 (dual-clip PPO): where A_t < 0, l_t = min(l_t, -c A_t), which bounds the push-down of a
     token the current policy already rates far above the behavior policy (r_t > c: no gradient); None: off.
     All inputs ``[...]`` of one shape (``[b, s]`` or ``[n]``); only ``cur_logprobs`` carries gradient.
     """
     mask = loss_mask != 0
-    terms = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip)
+    terms = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip, advantage_from)
     loss = gated_mean(_ppo_losses(terms, dual_clip), mask, gates, num_tokens)
     return loss, _ppo_metrics(terms, mask, dual_clip)
 
 
-def behavior_weights(old_logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, loss_mask: torch.Tensor,
-                     cap: float) -> Tuple[torch.Tensor, dict]:
-    """Decoupled PPO's importance weight of the sampler, truncated: w_t = min(exp(lp_old_t - lp_behavior_t), cap)
-    (0 where masked; detached), for stale samples (pi_behavior, k versions old) trained with a proximal pi_old
-    (the weights before the step) in the advantage and the clip; the loss takes w_t like a gate. ``(w, metrics)``
-    with the 0-d ``behavior_weight_mean`` and ``behavior_weight_capped_frac`` over the valid positions. Inputs
-    ``[...]`` of one shape."""
-    if not cap > 0:
-        raise ValueError(f"the behavior weight cap must be > 0, got {cap}")
-    mask = loss_mask != 0
-    _check_same_shape(old_logprobs=old_logprobs, behavior_logprobs=behavior_logprobs, loss_mask=mask)
-    old, behavior = _upcast(old_logprobs.detach()), _upcast(behavior_logprobs.detach())
-    for name, values in (("old_logprobs", old), ("behavior_logprobs", behavior)):
-        _check_finite(name, values, mask)
-    ratio = torch.exp(torch.where(mask, old - behavior, 0.0))
-    weights = torch.where(mask, ratio.clamp(max=cap), 0.0)
-    count = mask.sum().clamp(min=1)
-    return weights, dict(behavior_weight_mean=weights.sum() / count,
-                         behavior_weight_capped_frac=((ratio > cap) & mask).sum() / count)
-
-
 def sampled_token_metrics(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
                           loss_mask: torch.Tensor, clip_eps: Tuple[float, float] = (0.2, 0.2),
-                          adv_clip: float = 5.0, dual_clip: Optional[float] = None) -> dict:
+                          adv_clip: float = 5.0, dual_clip: Optional[float] = None,
+                          advantage_from: str = "old") -> dict:
     """The metrics of ``sampled_token_opd_loss`` alone (for a caller that takes the loss elsewhere): the 0-d
     pg_clipfrac, ratio_mean, advantage_mean and approx_kl_old_cur over the valid positions (with ``dual_clip``
     also dual_clipfrac, the fraction held at -c A_t)."""
     mask = loss_mask != 0
-    return _ppo_metrics(_ppo_terms(cur_logprobs.detach(), old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip),
-                        mask, dual_clip)
+    terms = _ppo_terms(cur_logprobs.detach(), old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip, advantage_from)
+    return _ppo_metrics(terms, mask, dual_clip)
 
 
 @torch.no_grad()
@@ -114,10 +96,10 @@ def _ppo_metrics(terms, mask, dual_clip: Optional[float] = None) -> dict:
 def sampled_token_position_losses(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                                   teacher_logprobs: torch.Tensor, loss_mask: torch.Tensor,
                                   clip_eps: Tuple[float, float] = (0.2, 0.2), adv_clip: float = 5.0,
-                                  dual_clip: Optional[float] = None) -> torch.Tensor:
+                                  dual_clip: Optional[float] = None, advantage_from: str = "old") -> torch.Tensor:
     """The per-position l_t of ``sampled_token_opd_loss`` ``[...]`` (0 where masked), before gating and reduction."""
-    return _ppo_losses(_ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, loss_mask != 0, clip_eps, adv_clip),
-                       dual_clip)
+    return _ppo_losses(_ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, loss_mask != 0, clip_eps, adv_clip,
+                                  advantage_from), dual_clip)
 
 
 def _ppo_losses(terms, dual_clip: Optional[float]) -> torch.Tensor:
@@ -131,8 +113,14 @@ def _ppo_losses(terms, dual_clip: Optional[float]) -> torch.Tensor:
     return torch.where(advantage < 0, torch.minimum(losses, -dual_clip * advantage), losses)
 
 
-def _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip):
-    """log r_t, r_t, A_t, r_t A_t and clip(r_t) A_t (0 where masked), after checking shapes and finiteness."""
+ADVANTAGE_FROM = ("old", "current")
+
+
+def _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip, advantage_from="old"):
+    """log r_t, r_t, A_t, r_t A_t and clip(r_t) A_t (0 where masked), after checking shapes and finiteness; A_t
+    from lp_old (``advantage_from`` "old") or the detached lp_cur ("current")."""
+    if advantage_from not in ADVANTAGE_FROM:
+        raise ValueError(f"advantage_from must be one of {ADVANTAGE_FROM}, got {advantage_from!r}")
     _check_same_shape(cur_logprobs=cur_logprobs, old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs,
                       loss_mask=mask)
     old = _upcast(old_logprobs.detach())
@@ -142,7 +130,8 @@ def _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv
     eps_low, eps_high = clip_eps
     log_ratio = torch.where(mask, _upcast(cur_logprobs) - old, 0.0)
     ratio = torch.exp(log_ratio)
-    advantage = torch.where(mask, teacher - old, 0.0).clamp(-adv_clip, adv_clip)
+    student = old if advantage_from == "old" else _upcast(cur_logprobs.detach())
+    advantage = torch.where(mask, teacher - student, 0.0).clamp(-adv_clip, adv_clip)
     return log_ratio, ratio, advantage, ratio * advantage, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantage
 
 

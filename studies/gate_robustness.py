@@ -86,8 +86,8 @@ class Config:
         return {"optimizer.lr": self.lr, "reuse.epochs": self.epochs, "reuse.minibatches": self.minibatches,
                 "rollout.max_staleness": self.staleness,
                 "reuse.old_logprobs": "rollout" if self.staleness and not self.proximal else "recompute",
-                "loss.adv_clip": self.adv_clip, "loss.dual_clip": self.dual_clip,
-                "loss.behavior_weight_cap": self.behavior_cap, "gate_trace": TRACED}
+                "loss.adv_clip": self.adv_clip, "loss.dual_clip": self.dual_clip, "gate_trace": TRACED,
+                **({} if self.behavior_cap is None else {"loss.drift_control": {"kind": "tis", "cap": self.behavior_cap}})}
 
     def granularity(self) -> tuple:
         """(granularity, block size or None) as in results.json."""
@@ -179,7 +179,8 @@ def row(config: Config, seed: int, run: dict, samples: int) -> dict:
     before, after = run["evals"][0], run["evals"][-1]
     metrics = run["metrics"]
     series = lambda key: [m[key] for m in metrics if key in m]  # noqa: E731
-    behavior_drift, behavior_weight = series("behavior_drift_abs_mean"), series("behavior_weight_mean")
+    behavior_drift = series("behavior_drift_abs_mean")
+    behavior_weight = series("drift_weight_mean") or series("behavior_weight_mean")  # the name before drift_control
     granularity, block = config.granularity()
     return {
         "variant": config.label, "config": config.name, "loss": config.loss, "granularity": granularity,
@@ -475,7 +476,7 @@ the same configuration without a gate, and for a run with dual clipping, a proxi
 clamp the run minus the same configuration with the defaults (the same seed: the same prompts and rollout seeds at
 step 0). "Proximal pi_old": under staleness k, pi_old is the weights before the step (reuse.old_logprobs
 "recompute"), not the policy that sampled k versions before; "behavior weight cap c" adds decoupled PPO's weight
-min(pi_old / pi_behavior, c) per position (loss.behavior_weight_cap), compared with the proximal run without it.
+min(pi_old / pi_behavior, c) per position (then loss.behavior_weight_cap, now loss.drift_control kind tis), compared with the proximal run without it.
 
 Base student: greedy {first['greedy_before']:.3f}, pass@1 {first['pass1_before']:.3f},
 pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: greedy

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_bpd.gating import GateConfig, drift_gates
-from megatron_bpd.losses import (behavior_weights, gated_mean, sampled_token_metrics, sampled_token_opd_loss,
+from megatron_bpd.losses import (gated_mean, sampled_token_metrics, sampled_token_opd_loss,
                                 top_entropy_mask, topk_lsm_loss)
 
 
@@ -173,52 +173,6 @@ def test_global_token_count_makes_microbatch_losses_add_up():
     parts = sum(sampled_token_opd_loss(cur[i:i + 10], old[i:i + 10], teacher[i:i + 10], mask[i:i + 10],
                                        gates[i:i + 10], num_tokens=n)[0] for i in range(0, 40, 10))
     assert parts.item() == pytest.approx(whole.item(), rel=1e-9)
-
-
-@pytest.mark.parametrize("cap", [1.0, 2.0])
-def test_behavior_weights_are_the_truncated_sampler_ratio(cap):
-    """Decoupled PPO: w_t = min(exp(lp_old_t - lp_behavior_t), cap) at valid positions, 0 elsewhere, detached; the
-    loss with gates g_t w_t is method.md's sum m g w l / N, and its gradient is that of the reference."""
-    cur, old, teacher, mask, gates = random_case(7)
-    behavior = old + 0.8 * torch.randn(len(old), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    behavior[~mask] = float("nan")  # the sampler's log-probs outside the response are never read
-    weights, metrics = behavior_weights(old, behavior, mask, cap)
-    expected = [min(math.exp(o - b), cap) if m else 0.0 for o, b, m in zip(old.tolist(), behavior.tolist(), mask)]
-    assert weights.tolist() == pytest.approx(expected, rel=1e-12)
-    valid = [math.exp(o - b) for o, b, m in zip(old.tolist(), behavior.tolist(), mask) if m]
-    assert metrics["behavior_weight_mean"].item() == pytest.approx(sum(min(w, cap) for w in valid) / len(valid))
-    capped = sum(w > cap for w in valid) / len(valid)
-    assert 0 < capped < 1 and metrics["behavior_weight_capped_frac"].item() == pytest.approx(capped)
-
-    cur = cur.clone().requires_grad_()
-    loss, _ = sampled_token_opd_loss(cur, old, teacher, mask, gates * weights)
-    ref = reference_sampled_token(cur.tolist(), old.tolist(), teacher.tolist(), mask.tolist(),
-                                  [g * w for g, w in zip(gates.tolist(), expected)])
-    assert loss.item() == pytest.approx(ref, rel=1e-6, abs=1e-7)
-    loss.backward()
-    h = 1e-6  # central differences of the reference, position by position
-    for t in range(len(cur)):
-        up, down = cur.detach().clone(), cur.detach().clone()
-        up[t] += h
-        down[t] -= h
-        fd = (reference_sampled_token(up.tolist(), old.tolist(), teacher.tolist(), mask.tolist(),
-                                      [g * w for g, w in zip(gates.tolist(), expected)])
-              - reference_sampled_token(down.tolist(), old.tolist(), teacher.tolist(), mask.tolist(),
-                                        [g * w for g, w in zip(gates.tolist(), expected)])) / (2 * h)
-        assert cur.grad[t].item() == pytest.approx(fd, abs=1e-5), t
-
-
-def test_behavior_weight_errors_are_named():
-    _, old, _, mask, _ = random_case(8)
-    with pytest.raises(ValueError, match="cap must be > 0"):
-        behavior_weights(old, old, mask, 0.0)
-    with pytest.raises(ValueError, match="shapes differ"):
-        behavior_weights(old, old[:-1], mask, 2.0)
-    bad = old.clone()
-    position = int(mask.nonzero()[0])
-    bad[position] = float("nan")
-    with pytest.raises(ValueError, match=rf"non-finite behavior_logprobs at valid position \[{position}\]"):
-        behavior_weights(old, bad, mask, 2.0)
 
 
 def test_nan_at_masked_position_is_ignored_and_at_valid_position_raises():

@@ -2,12 +2,15 @@
 GPTModel (local spec, qk_layernorm, GQA): the loss and the updated weights are the same under DP4, TP2xDP2,
 PP2xDP2 and TP2xPP2 (four processes), and equal to the same step taken with Hugging Face transformers'
 Qwen3ForCausalLM and the single-process losses. The fused output-layer head (the default) and the unfused one
-(logits, then the ops on logits) give the same step, with untied and tied embeddings."""
+(logits, then the ops on logits) give the same step, with untied and tied embeddings. Each loss runs with a drift
+control (m2po's batch cutoff over the DP ranks of the last pipeline stage; token_drop and its penalty), written
+from the formulas in the reference."""
 
 import pytest
 import torch
 
 from distributed import run_distributed
+from megatron_bpd.drift_controls import DriftControlConfig
 from megatron_bpd.gating import GateConfig, drift_gates, plan_segments
 from megatron_bpd.losses import sampled_token_opd_loss, topk_lsm_loss
 
@@ -16,6 +19,8 @@ MICRO_BATCHES = [[0], [1], [2], [3]]
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (TP, PP) on 4 processes: DP4, TP2xDP2, PP2xDP2, TP2xPP2
 GATE = GateConfig(block_size=4)
 KINDS = ["sampled_token", "topk_lsm"]
+CONTROLS = {"sampled_token": DriftControlConfig("m2po"),  # binds at some positions of this batch (both)
+            "topk_lsm": DriftControlConfig("token_drop", drop_below=0.002, penalty=0.05)}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,9 @@ def make_data():
     teacher = -torch.rand(B, S, generator=g) * 8
     top_ids = torch.stack([torch.randperm(VOCAB, generator=g)[:K] for _ in range(B * S)]).view(B, S, K)
     top_lp = torch.log_softmax(torch.randn(B, S, K, generator=g), -1) - 0.3
+    behavior = old + 0.3 * torch.randn(B, S, generator=g)
     return dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], starts=starts, mask=mask, old=old, teacher=teacher,
-                top_ids=top_ids, top_lp=top_lp)
+                top_ids=top_ids, top_lp=top_lp, behavior=behavior)
 
 
 def micro_batch(data, rows):
@@ -46,7 +52,7 @@ def micro_batch(data, rows):
     return MicroBatch(tokens=data["tokens"][rows], labels=data["labels"][rows], loss_mask=data["mask"][rows],
                       old_logprobs=data["old"][rows], segment_ids=plan.segment_ids, plan=plan,
                       teacher_logprobs=data["teacher"][rows], teacher_topk_ids=data["top_ids"][rows],
-                      teacher_topk_logprobs=data["top_lp"][rows])
+                      teacher_topk_logprobs=data["top_lp"][rows], behavior_logprobs=data["behavior"][rows])
 
 
 def _train_one_step(rank, world_size, hf_dir):
@@ -60,7 +66,7 @@ def _one_step(rank, tp, pp, hf_dir, kind, fused_head=True):
     from megatron_bpd import parallel
     from megatron_bpd.models.qwen3 import build_model, iter_hf_weights, load_hf_weights
     from megatron_bpd.train.forward_step import make_forward_step
-    from megatron_bpd.train.loss import LossConfig
+    from megatron_bpd.train.loss import LossConfig, m2po_batch_cutoff
     from megatron_bpd.train.setup import OptimizerSettings, wrap_for_training, zero_grads
 
     parallel.initialize(tp=tp, pp=pp, seed=5)
@@ -71,8 +77,11 @@ def _one_step(rank, tp, pp, hf_dir, kind, fused_head=True):
     data = make_data()
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     batches = [micro_batch(data, rows) for rows in MICRO_BATCHES[dp_rank::dp]]
-    config = LossConfig(kind=kind, gate=GATE, vocab_size=VOCAB, fused_head=fused_head)
-    forward_step = make_forward_step(config, data["mask"].sum(), len(batches))
+    config = LossConfig(kind=kind, gate=GATE, vocab_size=VOCAB, fused_head=fused_head, drift_control=CONTROLS[kind])
+    cutoff = None
+    if CONTROLS[kind].kind == "m2po":  # as the trainer: over the step's micro-batches on every DP rank of the stage
+        cutoff = m2po_batch_cutoff(batches, CONTROLS[kind], ps.get_data_parallel_group(with_context_parallel=True))
+    forward_step = make_forward_step(config, data["mask"].sum(), len(batches), m2_cutoff=cutoff)
     out = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp_model],
         num_microbatches=len(batches), seq_length=S, micro_batch_size=1, forward_only=False)
@@ -95,17 +104,28 @@ def hf_one_step(hf_dir, kind):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager")
     data = make_data()
     num_tokens = data["mask"].sum()
+    control, log_rho = CONTROLS[kind], data["old"] - data["behavior"]
+    kept = sorted((log_rho[data["mask"]] ** 2).tolist())  # M2PO: drop the largest until the mean is <= threshold
+    while sum(kept) / len(kept) > control.m2_threshold:
+        kept.pop()
     total = 0.0
     for rows in MICRO_BATCHES:
         logits = model(data["tokens"][rows]).logits.float()
         cur = torch.log_softmax(logits, -1).gather(-1, data["labels"][rows][..., None])[..., 0]
         gates, _ = drift_gates(cur, data["old"][rows], data["mask"][rows], GATE, response_starts=data["starts"][rows])
-        if kind == "sampled_token":
-            loss, _ = sampled_token_opd_loss(cur, data["old"][rows], data["teacher"][rows], data["mask"][rows], gates,
-                                             num_tokens=num_tokens)
-        else:
+        behavior = data["behavior"][rows]
+        if kind == "sampled_token":  # m2po
+            weights = (log_rho[rows] ** 2 <= kept[-1]).float()
+            loss, _ = sampled_token_opd_loss(cur, data["old"][rows], data["teacher"][rows], data["mask"][rows],
+                                             gates * weights, num_tokens=num_tokens)
+        else:  # token_drop: 1[p_cur - p_beh >= -below] and penalty * (lp_cur - lp_beh)^2
+            weights = (cur.detach().exp() - behavior.exp() >= -control.drop_below).float()
             loss, _ = topk_lsm_loss(logits.gather(-1, data["top_ids"][rows]), data["top_lp"][rows],
-                                    data["mask"][rows], gates, num_tokens=num_tokens)
+                                    data["mask"][rows], gates * weights, num_tokens=num_tokens)
+            penalty = control.penalty * (cur - behavior) ** 2
+            loss = loss + (gates * penalty)[data["mask"][rows]].sum() / num_tokens
+        valid = weights[data["mask"][rows]]
+        assert valid.sum() > 0, rows
         loss.backward()
         total += loss.item()
     torch.optim.SGD(model.parameters(), lr=LR).step()

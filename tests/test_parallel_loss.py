@@ -1,8 +1,8 @@
 """Gates, loss and the loss gradient are the same under TP2, CP2, TP2xCP2 and DP2 as on one process with the full
-vocabulary and the unsplit sequences (plain log_softmax + drift_gates + losses), for both heads: vocab-parallel
-logits (gradient w.r.t. the logits) and the fused output layer (gradients w.r.t. the hidden states and the
-weight shard; the sampled-token and SFT losses there take their gradient in the forward where the layout allows,
-in chunks of CHUNK positions cut at gate-segment starts)."""
+vocabulary and the unsplit sequences (plain log_softmax + drift_gates + losses, and the drift controls written from
+their formulas), for both heads: vocab-parallel logits (gradient w.r.t. the logits) and the fused output layer
+(gradients w.r.t. the hidden states and the weight shard; the sampled-token and SFT losses there take their gradient
+in the forward where the layout allows, in chunks of CHUNK positions cut at gate-segment starts)."""
 
 import dataclasses
 import itertools
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
+from megatron_bpd.drift_controls import DriftControlConfig
 from megatron_bpd.gating import GateConfig, drift_gates, plan_segments
 from megatron_bpd.losses import sampled_token_opd_loss, topk_lsm_loss
 
@@ -22,20 +23,54 @@ LAYOUTS = [(2, 1), (1, 2), (2, 2), (1, 1)]  # (TP, CP) on 4 processes: TP2xDP2, 
 GATES = [GateConfig(block_size=3), GateConfig(block_size=5, scope="sequence", statistic="abs_mean"),
          GateConfig(block_size=4, scope="global", tau=2.0)]
 LOSSES = ["sampled_token", "topk_lsm"]
-# every gate with both OPD losses, and the ungated NLL of the "sft" control
-CASES = [(gate, kind) for gate in GATES for kind in LOSSES] + [(GateConfig(granularity="none"), "sft")]
+# every gate with both OPD losses (and one more sampled-token case), and the ungated NLL of the "sft" control
+CASES = [(gate, kind) for gate in GATES for kind in LOSSES] + [(GATES[0], "sampled_token"),
+                                                               (GateConfig(granularity="none"), "sft")]
+# a drift control per OPD case, with parameters at which it binds on this batch (advantage_from "current" with the
+# two-sided token drop): tis and the two-sided token drop with the fused head's in-forward gradient, seq_mask's
+# per-sequence means and m2po's batch moment split over CP and DP ranks
+CONTROLS = [DriftControlConfig("tis", cap=1.5), DriftControlConfig("token_drop", drop_below=0.01, penalty=0.05),
+            DriftControlConfig("seq_mask", seq_bounds=(0.95, 1.05)), DriftControlConfig("m2po"),
+            DriftControlConfig("token_drop", drop_below=0.01, drop_above=0.03, penalty=0.05),
+            DriftControlConfig("m2po", m2_threshold=0.03), DriftControlConfig("icepop", ratio_bounds=(0.8, 1.25)),
+            DriftControlConfig()]
 
 
-def dual_clip(gate, kind):
-    """The sampled-token loss with the global-scope gate also runs dual-clip PPO (c = 1.5 binds at some positions
-    of this batch), so that the option is checked on both heads and every layout."""
-    return 1.5 if kind == "sampled_token" and gate is GATES[2] else None
+def options(case: int) -> dict:
+    """The LossConfig options of case ``case`` beside its gate and kind: its drift control; the sampled-token loss with
+    the global-scope gate also runs dual-clip PPO (c = 1.5 binds at some positions of this batch) and recomputes
+    its advantage from the current student, so that those options are checked on both heads and every layout."""
+    gate, kind = CASES[case]
+    extra = dict(dual_clip=1.5, advantage_from="current") if kind == "sampled_token" and gate is GATES[2] else {}
+    return dict(drift_control=CONTROLS[case], **extra)
 
 
-def behavior_cap(gate, kind):
-    """The sampled-token loss with the first gate is also decoupled PPO: each position's loss times
-    min(exp(lp_old - lp_behavior), 1.5) (the cap binds at some positions), on both heads and every layout."""
-    return 1.5 if kind == "sampled_token" and gate is GATES[0] else None
+def reference_control(data, control, cur):
+    """(w [B, S], pen [B, S]) of ``control`` over the whole batch, from the formulas, in float64."""
+    old, behavior, mask = data["old"].double(), data["behavior"].double(), data["mask"]
+    rho = torch.exp(old - behavior)
+    penalty = torch.zeros_like(cur)
+    if control.kind == "token_drop":
+        diff = cur.detach().exp() - behavior.exp()
+        above = float("inf") if control.drop_above is None else control.drop_above
+        weights = ((diff >= -control.drop_below) & (diff <= above)).double()
+        penalty = control.penalty * (cur - behavior) ** 2
+    elif control.kind == "icepop":
+        weights = rho * ((rho >= control.ratio_bounds[0]) & (rho <= control.ratio_bounds[1]))
+    elif control.kind == "tis":
+        weights = rho.clamp(max=control.cap)
+    elif control.kind == "seq_mask":
+        mean = torch.stack([(old - behavior)[r][mask[r]].mean() for r in range(B)]).exp()
+        weights = rho * ((mean >= control.seq_bounds[0]) & (mean <= control.seq_bounds[1]))[:, None]
+    elif control.kind == "m2po":  # drop the largest (log rho)^2 until the rest's mean is <= the threshold
+        kept = sorted(((old - behavior)[mask] ** 2).tolist())
+        while sum(kept) / len(kept) > control.m2_threshold:
+            kept.pop()
+        weights = ((old - behavior) ** 2 <= kept[-1]).double()
+    else:
+        weights = torch.ones_like(rho)
+    assert 0 < weights[mask].sum() and (control.kind in ("tis", "none") or (weights[mask] == 0).any()), control
+    return torch.where(mask, weights, 0.0), torch.where(mask, penalty, 0.0)
 
 
 def make_batch():
@@ -57,9 +92,11 @@ def make_batch():
                 behavior=behavior)
 
 
-def reference(data, gate, kind):
+def reference(data, case):
     """(loss, gates [B, S], grads of the loss w.r.t. the full logits, the hidden states and the weight) on one
     process, in float64."""
+    gate, kind = CASES[case]
+    control, extra = CONTROLS[case], options(case)
     hidden, weight = data["hidden"].double().requires_grad_(), data["weight"].double().requires_grad_()
     logits = hidden @ weight.t()
     logits.retain_grad()
@@ -71,6 +108,7 @@ def reference(data, gate, kind):
         normalizer = sum(drift_gates(cur_all[r].detach(), data["old"][r].double(), data["mask"][r], raw,
                                      response_starts=data["starts"][r])[1]["normalizer_terms"]
                          for r in MICRO_BATCHES)
+    weights_all, penalty_all = reference_control(data, control, cur_all)
     total, all_gates = 0.0, torch.zeros(B, S)
     for rows in MICRO_BATCHES:
         cur = cur_all[rows]
@@ -80,18 +118,15 @@ def reference(data, gate, kind):
         if kind == "sft":
             loss = -(cur * data["mask"][rows]).sum() / num_tokens
         elif kind == "sampled_token":
-            weights = gates.double()
-            if behavior_cap(gate, kind) is not None:
-                weights = weights * (data["old"][rows] - data["behavior"][rows]).double().exp().clamp(
-                    max=behavior_cap(gate, kind))
             loss, _ = sampled_token_opd_loss(cur, data["old"][rows].double(), data["teacher"][rows].double(),
-                                             data["mask"][rows], weights, num_tokens=num_tokens,
-                                             dual_clip=dual_clip(gate, kind))
+                                             data["mask"][rows], gates * weights_all[rows], num_tokens=num_tokens,
+                                             dual_clip=extra.get("dual_clip"),
+                                             advantage_from=extra.get("advantage_from", "old"))
         else:
             student = logits[rows].gather(-1, data["top_ids"][rows])
-            loss, _ = topk_lsm_loss(student, data["top_lp"][rows].double(), data["mask"][rows], gates,
-                                    num_tokens=num_tokens)
-        total = total + loss
+            loss, _ = topk_lsm_loss(student, data["top_lp"][rows].double(), data["mask"][rows],
+                                    gates * weights_all[rows], num_tokens=num_tokens)
+        total = total + loss + (gates * penalty_all[rows]).sum() / num_tokens
     total.backward()
     return total.item(), all_gates, dict(logits=logits.grad, hidden=hidden.grad, weight=weight.grad)
 
@@ -108,7 +143,7 @@ def _layout_results(tp, cp):
     from megatron_bpd import parallel
     from megatron_bpd.parallel.context_parallel import cp_positions
     from megatron_bpd.train.batch import MicroBatch
-    from megatron_bpd.train.loss import HiddenStates, LossConfig, gradient_in_forward, opd_loss
+    from megatron_bpd.train.loss import HiddenStates, LossConfig, gradient_in_forward, m2po_batch_cutoff, opd_loss
 
     parallel.initialize(tp=tp, cp=cp, seed=1)
     tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
@@ -121,9 +156,9 @@ def _layout_results(tp, cp):
     num_tokens = data["mask"].sum()
     weight_shard = data["weight"][vocab].clone().requires_grad_()
     out = {}
-    for (gate, kind), head in itertools.product(CASES, HEADS):
-        config = LossConfig(kind=kind, gate=gate, chunk_tokens=CHUNK, dual_clip=dual_clip(gate, kind),
-                            behavior_weight_cap=behavior_cap(gate, kind))
+    for case, head in itertools.product(range(len(CASES)), HEADS):
+        gate, kind = CASES[case]
+        config = LossConfig(kind=kind, gate=gate, chunk_tokens=CHUNK, **options(case))
 
         def local(rows, cfg):
             """(this rank's share of the micro-batch, its head: logits [b, s/cp, V/tp] or HiddenStates)"""
@@ -139,6 +174,10 @@ def _layout_results(tp, cp):
                 inputs = HiddenStates(data["hidden"][rows][:, positions].clone().requires_grad_(), weight_shard)
             return batch.split_for_cp(cp, cp_rank), inputs
 
+        m2_cutoff = None
+        if config.drift_control.kind == "m2po":  # over every micro-batch of the step, on every DP and CP rank
+            m2_cutoff = m2po_batch_cutoff([local(rows, config)[0] for rows in my_micro], config.drift_control,
+                                          ps.get_data_parallel_group(with_context_parallel=True))
         normalizer = None
         if gate.scope == "global":  # the no-grad pre-pass over every micro-batch of the step
             raw = dataclasses.replace(config, gate=dataclasses.replace(gate, normalize=False))
@@ -146,20 +185,20 @@ def _layout_results(tp, cp):
             for rows in my_micro:
                 batch, logits = local(rows, raw)
                 with torch.no_grad():
-                    normalizer += opd_loss(logits, batch, raw, num_tokens, tp_group=tp_group,
-                                           cp_group=cp_group)[1]["normalizer_terms"]
+                    normalizer += opd_loss(logits, batch, raw, num_tokens, tp_group=tp_group, cp_group=cp_group,
+                                           m2_cutoff=m2_cutoff)[1]["normalizer_terms"]
             dist.all_reduce(normalizer, group=ps.get_data_parallel_group())
         results = []
         for rows in my_micro:
             batch, inputs = local(rows, config)
             loss, metrics = opd_loss(inputs, batch, config, num_tokens, tp_group=tp_group, cp_group=cp_group,
-                                     normalizer=normalizer)
+                                     normalizer=normalizer, m2_cutoff=m2_cutoff)
             loss.backward()
             grad = inputs.grad if head == "logits" else inputs.hidden.grad
             results.append(dict(rows=rows, loss=loss.item(), grad=grad, gates=metrics["gates"],
                                 in_forward=gradient_in_forward(inputs, batch, config, cp_group)))
         # the weight shard's gradient of all of this rank's micro-batches (DDP sums it over DP and CP)
-        out[(gate.block_size, kind, head)] = dict(parts=results, weight_grad=weight_shard.grad)
+        out[(case, head)] = dict(parts=results, weight_grad=weight_shard.grad)
         weight_shard.grad = None
     return dict(positions=positions, vocab=(vocab.start, vocab.stop), out=out)
 
@@ -174,8 +213,8 @@ def layout_results():
 def test_loss_and_gradients_match_one_process(layout_results, tp, cp, head):
     data = make_batch()
     results = [r[(tp, cp)] for r in layout_results]
-    for gate, kind in CASES:
-        ref_loss, ref_gates, ref_grads = reference(data, gate, kind)
+    for case, (gate, kind) in enumerate(CASES):
+        ref_loss, ref_gates, ref_grads = reference(data, case)
         shape = (B, S, V) if head == "logits" else (B, S, H)
         grad = torch.full(shape, float("nan"))
         gates = torch.full((B, S), float("nan"))
@@ -184,7 +223,7 @@ def test_loss_and_gradients_match_one_process(layout_results, tp, cp, head):
         for rank_result in results:
             lo, hi = rank_result["vocab"]
             pos = rank_result["positions"]
-            mine = rank_result["out"][(gate.block_size, kind, head)]
+            mine = rank_result["out"][(case, head)]
             for part in mine["parts"]:
                 sub = grad[part["rows"]]
                 sub[(slice(None), pos) + ((slice(lo, hi),) if head == "logits" else ())] = part["grad"]
@@ -200,12 +239,12 @@ def test_loss_and_gradients_match_one_process(layout_results, tp, cp, head):
                 weight_grad[lo:hi] += mine["weight_grad"]
         assert not torch.isnan(grad).any(), "some positions got no gradient"
         torch.testing.assert_close(gates, ref_gates, rtol=1e-5, atol=1e-6, msg=f"gates {gate} {kind}")
-        assert total == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (gate, kind)
+        assert total == pytest.approx(ref_loss, rel=1e-5, abs=1e-6), (gate, kind, CONTROLS[case])
         ref_grad = ref_grads["logits" if head == "logits" else "hidden"].float()
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{gate} {kind}")
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=f"{gate} {kind} {CONTROLS[case]}")
         if head == "fused":
             torch.testing.assert_close(weight_grad, ref_grads["weight"].float(), rtol=1e-4, atol=1e-6,
-                                       msg=f"weight {gate} {kind}")
+                                       msg=f"weight {gate} {kind} {CONTROLS[case]}")
 
 
 def _packed_cp_gates(rank, world_size):

@@ -276,12 +276,12 @@ def test_overlapped_rollouts_train_every_trajectory_once_within_the_staleness_bo
     """pi_old is the policy that sampled ("rollout") or the current weights before the step ("recompute": then the
     log-probs of trajectories sampled with older weights are compared with the behavior's, as the drift since
     sampling, and those of fresh ones as the rollout/train mismatch; and the loss is decoupled PPO, weighted by
-    the truncated pi_old / pi_behavior)."""
+    the truncated pi_old / pi_behavior: drift control "tis")."""
     overlap = {"rollout": {"max_staleness": k}, "reuse": {"epochs": 2, "minibatches": 2, "old_logprobs": old},
                "optimizer": {"lr": 1e-4}}  # small steps: the student keeps sampling different responses
     cap = 1.05 if old == "recompute" else None  # binds on some drifted tokens
     if cap is not None:
-        overlap["loss"] = {"behavior_weight_cap": cap}
+        overlap["loss"] = {"drift_control": {"kind": "tis", "cap": cap}}
     config = write_config(tiny, tmp_path / "overlap", steps=4, **overlap)
     (run,) = run_distributed(_overlapped_run, 1, str(config), [])
     check_trained_once(run, range(4), yaml.safe_load(config.read_text()))
@@ -291,13 +291,13 @@ def test_overlapped_rollouts_train_every_trajectory_once_within_the_staleness_bo
         assert r["resampled_trajectories"] == 0
         if old == "rollout":
             assert "rollout_train_mismatch" not in r and "behavior_drift_abs_mean" not in r
-            assert "behavior_weight_mean" not in r
+            assert "drift_weight_mean" not in r
         elif r["staleness_max"] == 0:  # the sampler is pi_old: every weight is 1
             assert r["rollout_train_mismatch"] < 1e-5 and "behavior_drift_abs_mean" not in r
-            assert r["behavior_weight_mean"] == pytest.approx(1.0, abs=1e-4) and r["behavior_weight_capped_frac"] == 0
+            assert r["drift_weight_mean"] == pytest.approx(1.0, abs=1e-4) and r["drift_weight_max"] < cap
         else:
             assert r["behavior_drift_abs_mean"] > 1e-4 and "rollout_train_mismatch" not in r
-            assert 0 < r["behavior_weight_mean"] <= cap and r["behavior_weight_mean"] != pytest.approx(1.0, abs=1e-6)
+            assert 0 < r["drift_weight_mean"] <= cap and r["drift_weight_mean"] != pytest.approx(1.0, abs=1e-6)
         for key in ("time_wait_rollout", "time_wait_train", "time_generate", "rollout_tokens_per_s", "tokens_per_s"):
             assert r[key] >= 0, key
         for step, (trajectories, _) in run["trained"].items():
@@ -340,10 +340,8 @@ def test_unknown_config_keys_and_bad_layouts_are_errors(tiny, tmp_path):
         load_config(None, ["rollout.samples=4"])
     with pytest.raises(ValueError, match="not of the form"):
         load_config(None, ["steps"])
-    with pytest.raises(ValueError, match="behavior_weight_cap .* needs reuse.old_logprobs 'recompute'"):
-        load_config(None, ["loss.behavior_weight_cap=2", "reuse.old_logprobs=rollout"])
-    with pytest.raises(ValueError, match="behavior_weight_cap must be > 0 and needs the sampled_token loss"):
-        load_config(None, ["loss.behavior_weight_cap=2", "loss.kind=topk_lsm"])
+    with pytest.raises(ValueError, match="'tis' reads pi_old / pi_behavior .* needs reuse.old_logprobs 'recompute'"):
+        load_config(None, ["loss.drift_control.kind=tis", "reuse.old_logprobs=rollout"])
     config = load_config(write_config(tiny, tmp_path / "bad"), ["rollout.prompts_per_step=3", "reuse.minibatches=4"])
     from megatron_bpd.train.layout import check_layout
 

@@ -1,4 +1,4 @@
-"""Megatron-Core's context-parallel (CP) layout of sequences, and the gate's reductions across it.
+"""Megatron-Core's context-parallel (CP) layout of sequences, and the reductions of the gate and the drift controls.
 
 Megatron splits every sequence into 2*CP equal chunks and gives CP rank r the chunks r and 2*CP-1-r (so causal
 attention work is balanced), for padded ``[b, s, ...]`` batches along the sequence dim and for packed THD batches
@@ -59,3 +59,14 @@ def group_sum(group):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
     return reduce
+
+
+def group_cat(values: torch.Tensor, group=None) -> torch.Tensor:
+    """The 1-D ``values`` of every rank of ``group`` concatenated in rank order (CPU; None or a one-member group:
+    ``values`` itself), for a statistic that needs every value of a batch split over ranks (a quantile, a sort)."""
+    local = values.detach().cpu()
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, local, group=group)
+    return torch.cat(parts)

@@ -20,8 +20,8 @@ class MicroBatch:
     the gate's segments (``plan.segment_ids`` or a CP rank's share of it); teacher_logprobs ``[b, s]`` (sampled-token
     loss) or teacher_topk_ids / teacher_topk_logprobs ``[b, s, K]`` (LSM loss); train_mask ``[b, s]`` bool: the
     positions the loss trains on when a filter (the top-entropy one) keeps only some of ``loss_mask`` (None: all);
-    behavior_logprobs ``[b, s]``: the sampler's log-probs when ``old_logprobs`` are the proximal policy's (the
-    decoupled PPO weight, ``loss.behavior_weight_cap``; None: not needed).
+    behavior_logprobs ``[b, s]``: the sampler's log-probs (the rollout's), read by ``loss.drift_control``
+    (None: not needed).
     """
 
     tokens: torch.Tensor

@@ -159,11 +159,14 @@ class TrainConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self):
-        if self.loss.behavior_weight_cap is not None and (self.reuse.old_logprobs != "recompute"
-                                                          or self.rollout.policy != "student"):
-            raise ValueError("loss.behavior_weight_cap weighs the student's samples by pi_old / pi_behavior with a "
-                             "recomputed (proximal) pi_old: it needs reuse.old_logprobs 'recompute' and "
-                             f"rollout.policy 'student', got {self.reuse.old_logprobs!r} and {self.rollout.policy!r}")
+        control = self.loss.drift_control
+        if control.kind != "none" and self.rollout.policy != "student":
+            raise ValueError(f"loss.drift_control {control.kind!r} reads the student's rollout log-probs "
+                             f"(pi_behavior): it needs rollout.policy 'student', got {self.rollout.policy!r}")
+        if control.ratio == "proximal/behavior" and self.reuse.old_logprobs != "recompute":
+            raise ValueError(f"loss.drift_control {control.kind!r} reads pi_old / pi_behavior with a recomputed "
+                             f"(proximal) pi_old: it needs reuse.old_logprobs 'recompute', got "
+                             f"{self.reuse.old_logprobs!r} (with 'rollout' the ratio is 1 everywhere)")
         if self.rollout.policy == "teacher" and self.teacher.source != "sglang":
             raise ValueError("rollout.policy 'teacher' samples from the teacher servers: it needs teacher.source "
                              f"'sglang', got {self.teacher.source!r}")
@@ -196,10 +199,19 @@ def to_dict(config) -> dict:
     return out
 
 
+# keys that no longer exist, and what replaced them
+REPLACED = {"loss.behavior_weight_cap": "loss.drift_control: {kind: tis, cap: C} (the same truncated weight "
+                                        "min(pi_old / pi_behavior, C))"}
+
+
 def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass ``cls`` from nested dicts; unknown keys raise ValueError naming them."""
+    """Build dataclass ``cls`` from nested dicts; unknown keys raise ValueError naming them (and what replaced a
+    key that no longer exists)."""
     if not isinstance(data, dict):
         raise ValueError(f"config section {where or 'root'} must be a mapping, got {type(data).__name__}")
+    for key in data:
+        if where + key in REPLACED:
+            raise ValueError(f"config key {where + key} was replaced by {REPLACED[where + key]}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

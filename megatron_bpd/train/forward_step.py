@@ -31,11 +31,13 @@ def gradient_scale(num_microbatches: int) -> float:
     return float(num_microbatches * parallel_state.get_data_parallel_world_size())
 
 
-def make_forward_step(config: LossConfig, num_tokens: torch.Tensor, num_microbatches: int, normalizer=None):
+def make_forward_step(config: LossConfig, num_tokens: torch.Tensor, num_microbatches: int, normalizer=None,
+                      m2_cutoff=None):
     """``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func()``.
 
     The iterator yields ``MicroBatch`` objects already split for this CP rank. ``num_tokens``: valid tokens of the
-    whole optimizer-step batch (all micro-batches, DP and CP ranks). The loss function returns the scaled loss
+    whole optimizer-step batch (all micro-batches, DP and CP ranks); ``normalizer`` and ``m2_cutoff`` the gate's and the
+    drift control's statistics of that batch (``opd_loss``). The loss function returns the scaled loss
     and ``{"loss": unscaled loss, ...metrics}``; summing "loss" over micro-batches and DP ranks gives the batch loss.
     """
     scale = gradient_scale(num_microbatches)
@@ -44,7 +46,8 @@ def make_forward_step(config: LossConfig, num_tokens: torch.Tensor, num_microbat
         head = output if weight is None else HiddenStates(output, weight)
         loss, metrics = opd_loss(head, batch, config, num_tokens,
                                  tp_group=parallel_state.get_tensor_model_parallel_group(),
-                                 cp_group=parallel_state.get_context_parallel_group(), normalizer=normalizer)
+                                 cp_group=parallel_state.get_context_parallel_group(), normalizer=normalizer,
+                                 m2_cutoff=m2_cutoff)
         return loss * scale, {"loss": loss.detach(), **metrics}
 
     def forward_step(data_iterator, model):

@@ -30,7 +30,7 @@ def rank_groups(tp: int, pp: int, cp: int, dp: int) -> dict:
 
 def check_layout(config: TrainConfig, world_size: int) -> str:
     """Validate ``config`` for ``world_size`` processes; returns a description, raises ValueError."""
-    p = config.parallel
+    p, control = config.parallel, config.loss.drift_control
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
         raise ValueError(f"world size {world_size} is not divisible by TP x PP x CP = {p.tp} x {p.pp} x {p.cp}")
@@ -53,5 +53,7 @@ def check_layout(config: TrainConfig, world_size: int) -> str:
              f"batch: {trajectories} trajectories per step -> {u.epochs} epochs x {u.minibatches} optimizer steps, "
              f"each {trajectories // per_update} micro-batches of {u.micro_batch_size} per DP rank",
              f"loss: {config.loss.kind}, gate: {config.loss.gate.granularity}"
-             + (f" (B={config.loss.gate.block_size})" if config.loss.gate.granularity == "block" else "")]
+             + (f" (B={config.loss.gate.block_size})" if config.loss.gate.granularity == "block" else "")
+             + (f", drift control: {control.kind} ({control.ratio})" if control.kind != "none" else "")
+             + (", advantage from the current student" if config.loss.advantage_from == "current" else "")]
     return "\n".join(lines)

@@ -14,8 +14,9 @@ head recomputes the logits in its backward.
 
 Two options of the LSM reference code: ``tail`` appends the sampled token to the support where the teacher's top-K
 misses it, and the top-entropy filter (``MicroBatch.train_mask``, chosen by the trainer over the whole mini-batch)
-restricts the loss positions. Under overlapped rollouts ``behavior_weight_cap`` makes the sampled-token loss
-decoupled PPO: each position's loss also carries the truncated weight pi_old / pi_behavior of the stale sampler.
+restricts the loss positions. ``drift_control`` adds one of the RL frameworks' controls of stale or reused samples
+(``drift_controls``: token drop, ICE-POP, TIS, sequence masks, M2PO) as per-position weights beside the gates, and
+``advantage_from: current`` recomputes the sampled-token advantage from the current student.
 """
 
 import dataclasses
@@ -25,10 +26,12 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.distributed
 
+from ..drift_controls import (IMPORTANCE_WEIGHTED, DriftControlConfig, control_metrics, drift_penalty, drift_weights,
+                              m2po_cutoff, squared_log_ratios)
 from ..gating import GateConfig, gates_for_segments, normalization_factor, raw_chunk_gates, segment_starts
-from ..losses import (EPS, behavior_weights, gated_mean, sampled_token_metrics, sampled_token_opd_loss,
+from ..losses import (ADVANTAGE_FROM, EPS, gated_mean, sampled_token_metrics, sampled_token_opd_loss,
                       sampled_token_position_losses, top_entropy_mask)
-from ..parallel.context_parallel import group_sum
+from ..parallel.context_parallel import group_cat, group_sum
 from ..vocab_parallel import (fused_linear_logprobs, fused_linear_lsm_loss, fused_linear_token_loss, logprobs_at,
                               topk_lsm_loss_parallel)
 from ..vocab_parallel.core import chunk_tokens as tokens_per_chunk
@@ -63,10 +66,12 @@ class LossConfig:
     # (losses.top_entropy_mask over all micro-batches and DP/CP ranks; the loss is normalized by the kept count and
     # the gates stay normalized over all valid positions). 1.0: every position.
     top_entropy_fraction: float = 1.0
-    # decoupled PPO (sampled-token loss, with reuse.old_logprobs "recompute": pi_old is the proximal policy): each
-    # position's loss times w_t = min(pi_old / pi_behavior, cap), the sampler's importance weight truncated at cap
-    # (losses.behavior_weights); None: off (stale samples are trained as if the proximal policy had drawn them).
-    behavior_weight_cap: Optional[float] = None
+    # a control of stale or reused samples, as per-position weights beside the gates (drift_controls; kind "none":
+    # off). "tis" is decoupled PPO's truncated pi_old / pi_behavior (the former loss.behavior_weight_cap).
+    drift_control: DriftControlConfig = field(default_factory=DriftControlConfig)
+    # the sampled-token advantage lp_teach - lp_student from "old" (pi_old, fixed over the step) or "current" (the
+    # current student at each update, detached: AsyncOPD)
+    advantage_from: str = "old"
 
     def __post_init__(self):
         if self.kind not in LOSSES:
@@ -76,9 +81,19 @@ class LossConfig:
         self.clip_eps = tuple(self.clip_eps)
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"loss.dual_clip must be > 1 (or null for off), got {self.dual_clip}")
-        if self.behavior_weight_cap is not None and (self.kind != "sampled_token" or not self.behavior_weight_cap > 0):
-            raise ValueError(f"loss.behavior_weight_cap must be > 0 and needs the sampled_token loss, got "
-                             f"{self.behavior_weight_cap} with {self.kind!r}")
+        if self.advantage_from not in ADVANTAGE_FROM:
+            raise ValueError(f"loss.advantage_from must be one of {ADVANTAGE_FROM}, got {self.advantage_from!r}")
+        if self.advantage_from == "current" and self.kind != "sampled_token":
+            raise ValueError(f"loss.advantage_from 'current' recomputes the sampled-token advantage: it needs the "
+                             f"sampled_token loss, got {self.kind!r} (which has no advantage)")
+        control = self.drift_control.kind
+        if control != "none" and self.kind == "sft":
+            raise ValueError(f"the sft loss takes no drift control (loss.drift_control.kind must be 'none', got "
+                             f"{control!r}): its samples are the teacher's")
+        if control in IMPORTANCE_WEIGHTED and self.kind != "sampled_token":
+            raise ValueError(f"loss.drift_control.kind {control!r} weighs a position by the importance ratio of its "
+                             f"sampled token, which corrects the sampled_token loss's estimate; the {self.kind} loss "
+                             "is exact on the teacher's support: use token_drop or m2po with it")
         if self.kind == "sft" and self.gate.granularity != "none":
             raise ValueError(f"the sft loss takes no gate (gate.granularity must be 'none', got "
                              f"{self.gate.granularity!r})")
@@ -112,31 +127,36 @@ def _lsm_loss(head: Union[torch.Tensor, HiddenStates], batch: MicroBatch, mask, 
 
 
 def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, config: LossConfig,
-             num_tokens: torch.Tensor, *, tp_group=None, cp_group=None, normalizer=None):
+             num_tokens: torch.Tensor, *, tp_group=None, cp_group=None, normalizer=None, m2_cutoff=None):
     """Gated OPD loss of one micro-batch: ``(loss, metrics)``; ``logits`` vocab-parallel ``[b, s, V/tp]``, or
     ``HiddenStates`` for the fused output layer (the same loss, the logits never held).
 
-    ``loss`` = sum over this rank's valid positions of m * g * l, divided by ``num_tokens`` (the valid-token count
+    ``loss`` = sum over this rank's valid positions of m * g * (w * l + pen) (w, pen: the drift control's weight and
+    penalty; 1 and 0 without one), divided by ``num_tokens`` (the valid-token count
     of the whole optimizer-step batch: all micro-batches, DP and CP ranks), so that the losses of all micro-batches
     and ranks add up to the loss of the whole batch. ``normalizer``: the summed gate normalizer terms for the
-    gate scope "global". ``metrics`` holds the loss's and the gate's 0-d summaries, the gate's
+    gate scope "global". ``m2_cutoff``: the drift control m2po's cutoff over the whole optimizer-step batch
+    (``m2po_batch_cutoff``). ``metrics`` holds the loss's and the gate's 0-d summaries, the gate's
     ``normalizer_terms`` and the per-position ``gates`` and ``drift`` (lp_cur - lp_old, 0 where masked) ``[b, s]`` of
     this rank's positions.
     """
     mask = batch.loss_mask if batch.train_mask is None else batch.train_mask
     if config.kind == "sampled_token" and batch.teacher_logprobs is None:
         raise ValueError("the sampled_token loss needs MicroBatch.teacher_logprobs")
-    weights, weight_metrics = None, {}
-    if config.behavior_weight_cap is not None:
-        if batch.behavior_logprobs is None:
-            raise ValueError("loss.behavior_weight_cap needs MicroBatch.behavior_logprobs")
-        weights, weight_metrics = behavior_weights(batch.old_logprobs, batch.behavior_logprobs, batch.loss_mask,
-                                                   config.behavior_weight_cap)
+    control, weights = config.drift_control, None
+    if control.kind != "none" and batch.behavior_logprobs is None:
+        raise ValueError(f"loss.drift_control {control.kind!r} needs the rollout's log-probs "
+                         "(MicroBatch.behavior_logprobs)")
+    if control.ratio == "proximal/behavior":  # known before the forward
+        weights = drift_weights(control, None, batch.old_logprobs, batch.behavior_logprobs, batch.loss_mask,
+                                reduce=group_sum(cp_group), m2_cutoff=m2_cutoff)
     in_forward = config.kind != "topk_lsm" and gradient_in_forward(logits, batch, config, cp_group)
-    if in_forward:  # sum_t m_t g_t w_t l_t with raw gates, its gradient taken in the forward
+    if in_forward:  # sum_t m_t g_t (w_t l_t + pen_t) with raw gates, its gradient taken in the forward
         raw_sum, cur = _token_loss_in_forward(logits, batch, mask, tp_group, config, weights)
     else:
         cur = _logprobs(logits, batch.labels, tp_group, config)
+    if control.ratio == "current/behavior":
+        weights = drift_weights(control, cur, batch.old_logprobs, batch.behavior_logprobs, batch.loss_mask)
     gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
                                            config.gate, reduce=group_sum(cp_group), normalizer=normalizer)
     if config.kind in ("sampled_token", "sft"):
@@ -146,25 +166,46 @@ def opd_loss(logits: Union[torch.Tensor, HiddenStates], batch: MicroBatch, confi
                 config.gate, gate_stats["normalizer_terms"], normalizer)
             loss = raw_sum * (factor / (num_tokens + EPS))
             metrics = {} if config.kind == "sft" else sampled_token_metrics(cur, *ppo, config.clip_eps,
-                                                                            config.adv_clip, config.dual_clip)
+                                                                            config.adv_clip, config.dual_clip,
+                                                                            config.advantage_from)
         elif config.kind == "sft":
             loss, metrics = gated_mean(-cur, mask, None, num_tokens), {}
         else:
-            loss, metrics = sampled_token_opd_loss(cur, *ppo, gates if weights is None else gates * weights,
-                                                   config.clip_eps, config.adv_clip, num_tokens=num_tokens,
-                                                   dual_clip=config.dual_clip)
-        metrics.update(weight_metrics)
+            loss, metrics = sampled_token_opd_loss(cur, *ppo, _weighted(gates, weights), config.clip_eps,
+                                                   config.adv_clip, num_tokens=num_tokens,
+                                                   dual_clip=config.dual_clip, advantage_from=config.advantage_from)
         if batch.teacher_topk_ids is not None:  # logged: how far the student is from the teacher on its support
             with torch.no_grad():
                 metrics["support_kl"] = _lsm_loss(logits, batch, mask, tp_group, config)[1]["support_kl"]
     else:
         # Both sides of the support at temperature 1: the teacher's prefill log-probs are, and LSM matches the
         # renormalized distributions (``temperature`` only rescales the sampled-token log-probs).
-        loss, metrics = _lsm_loss(logits, batch, mask, tp_group, config, gates=gates, num_tokens=num_tokens)
+        loss, metrics = _lsm_loss(logits, batch, mask, tp_group, config, gates=_weighted(gates, weights),
+                                  num_tokens=num_tokens)
+    if control.kind == "token_drop" and not in_forward:  # the log-ratio penalty at every trained position
+        loss = loss + gated_mean(drift_penalty(cur, batch.behavior_logprobs, mask, control.penalty), mask, gates,
+                                 num_tokens)
+    if weights is not None:
+        metrics.update(control_metrics(control, weights, cur, batch.old_logprobs, batch.behavior_logprobs,
+                                       batch.loss_mask))
     metrics.update({k: v for k, v in gate_stats.items() if v.dim() == 0})
     metrics.update(normalizer_terms=gate_stats["normalizer_terms"], gates=gates,
                    drift=torch.where(batch.loss_mask, cur.detach() - batch.old_logprobs, 0.0))
     return loss, metrics
+
+
+def _weighted(gates: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    return gates if weights is None else gates * weights
+
+
+def m2po_batch_cutoff(batches: List[MicroBatch], control: DriftControlConfig, group=None) -> torch.Tensor:
+    """The drift control m2po's cutoff (``drift_controls.m2po_cutoff``) over the valid positions of ``batches`` on
+    every rank of ``group`` (DP x CP): one value of the whole optimizer-step batch, the same under every layout."""
+    if any(b.behavior_logprobs is None for b in batches):
+        raise ValueError("loss.drift_control 'm2po' needs the rollout's log-probs (MicroBatch.behavior_logprobs)")
+    local = [squared_log_ratios(b.old_logprobs, b.behavior_logprobs, b.loss_mask) for b in batches]
+    values = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
+    return m2po_cutoff(group_cat(values, group), control.m2_threshold)
 
 
 def gradient_in_forward(head: Union[torch.Tensor, HiddenStates], batch: MicroBatch, config: LossConfig,
@@ -185,13 +226,14 @@ def gradient_in_forward(head: Union[torch.Tensor, HiddenStates], batch: MicroBat
 
 def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group, config: LossConfig,
                            weights: Optional[torch.Tensor] = None):
-    """(sum_t m_t g_t w_t l_t with the raw gates g_t of each chunk's segments and the behavior weights ``weights``
-    ``[b, s]`` (None: 1), lp_cur ``[b, s]``) by ``fused_linear_token_loss`` on chunks that start at segment
-    starts."""
+    """(sum_t m_t g_t (w_t l_t + pen_t) with the raw gates g_t of each chunk's segments, the drift control's
+    weights ``weights`` ``[b, s]`` known before the forward (None: 1) or token_drop's from each chunk's lp_cur with
+    its penalty pen_t; lp_cur ``[b, s]``) by ``fused_linear_token_loss`` on chunks that start at segment starts."""
     flat = {k: v.reshape(-1) for k, v in dict(mask=mask, valid=batch.loss_mask, old=batch.old_logprobs,
                                                teacher=batch.teacher_logprobs, seg=batch.segment_ids,
-                                               weight=weights).items()
+                                               weight=weights, behavior=batch.behavior_logprobs).items()
             if v is not None}
+    control = config.drift_control
     seg = flat["seg"]
     gated = config.kind == "sampled_token" and config.gate.granularity != "none"
     starts = segment_starts(batch.segment_ids) if gated else None
@@ -201,11 +243,15 @@ def _token_loss_in_forward(head: HiddenStates, batch: MicroBatch, mask, tp_group
         if config.kind == "sft":
             return torch.where(m, -lp, 0.0).sum()
         losses = sampled_token_position_losses(lp, flat["old"][part], flat["teacher"][part], m, config.clip_eps,
-                                               config.adv_clip, config.dual_clip)
-        if gated:
-            losses = losses * raw_chunk_gates(lp, flat["old"][part], flat["valid"][part], seg[part], config.gate)
+                                               config.adv_clip, config.dual_clip, config.advantage_from)
         if "weight" in flat:
             losses = losses * flat["weight"][part].to(losses.dtype)
+        if control.kind == "token_drop":
+            behavior = flat["behavior"][part]
+            losses = (losses * drift_weights(control, lp, None, behavior, m).to(losses.dtype)
+                      + drift_penalty(lp, behavior, m, control.penalty))
+        if gated:
+            losses = losses * raw_chunk_gates(lp, flat["old"][part], flat["valid"][part], seg[part], config.gate)
         return torch.where(m, losses, 0.0).sum()
 
     return fused_linear_token_loss(head.hidden, head.weight, batch.labels, token_loss, tp_group, config.temperature,
@@ -234,15 +280,9 @@ def top_entropy_filter(batches: List[MicroBatch], entropies: List[torch.Tensor],
     """The top-entropy position filter over a whole mini-batch: ``losses.top_entropy_mask`` of the entropies
     ``[b, s]`` of every valid position of ``batches`` on every rank of ``group`` (DP x CP), so that the kept set is
     the same under every layout. Returns (batches with ``train_mask`` set, kept count: the loss's ``num_tokens``)."""
-    import torch.distributed as dist
-
-    local = torch.cat([h[b.loss_mask].detach().float().cpu() for h, b in zip(entropies, batches)]) if batches \
+    local = torch.cat([h[b.loss_mask].detach().float() for h, b in zip(entropies, batches)]) if batches \
         else torch.zeros(0)
-    parts = [local]
-    if group is not None and dist.get_world_size(group) > 1:
-        parts = [None] * dist.get_world_size(group)
-        dist.all_gather_object(parts, local, group=group)
-    every = torch.cat(parts)
+    every = group_cat(local, group)
     kept = top_entropy_mask(every, torch.ones_like(every, dtype=torch.bool), fraction)
     cutoff = every[kept].min() if kept.any() else torch.tensor(float("inf"))
     filtered = [dataclasses.replace(b, train_mask=b.loss_mask & (h.detach().float() >= cutoff.to(h.device)))

@@ -28,13 +28,14 @@ from ..rollout.protocol import SamplingParams
 from ..rollout.rollout import RolloutConfig, generate_rollout
 from ..rollout.teacher import SGLangTeacher
 from ..rollout.types import TeacherScores
+from ..drift_controls import METRICS as DRIFT_CONTROL_METRICS
 from ..vocab_parallel import entropy, logprobs_at, topk, topk_lsm_loss_parallel
 from .checkpoint import ROLLOUTS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PromptDataset
 from .evaluation import evaluate_policy, flat_eval_metrics, solve_rate_by_difficulty
 from .forward_step import make_forward_step
-from .loss import top_entropy_filter
+from .loss import m2po_batch_cutoff, top_entropy_filter
 from .layout import check_layout
 from .metrics import MetricSums, MetricsLog
 from .rollout_data import RolloutData, micro_batch, newline_token_ids, padded_length, response_slices
@@ -44,7 +45,7 @@ from .setup import lr_scheduler, wrap_for_training, zero_grads
 
 UPDATE_METRICS = ["loss", "pg_clipfrac", "dual_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min",
                   "gate_max", "gate_std", "frac_gate_below_half", "drift_mean", "drift_abs_mean",
-                  "segment_drift_abs_mean", "behavior_weight_mean", "behavior_weight_capped_frac", "lr", "grad_norm"]
+                  "segment_drift_abs_mean", *DRIFT_CONTROL_METRICS, "lr", "grad_norm"]
 ROLLOUT_METRICS = ["rollout_train_mismatch", "behavior_drift_abs_mean"]
 
 
@@ -213,7 +214,7 @@ class Trainer:
         device = parallel.compute_device()
         batches = [micro_batch(data, mine[i:i + size], seq_len, self.loss_config.gate, pad_id=self._pad_id(),
                                newline_ids=self.newline_ids, with_old=with_old,
-                               with_behavior=with_old and self.loss_config.behavior_weight_cap is not None)
+                               with_behavior=with_old and self.loss_config.drift_control.kind != "none")
                    .split_for_cp(c.parallel.cp, ps.get_context_parallel_rank()).to(device)
                    for i in range(0, len(mine), size)]
         return mine, batches, seq_len
@@ -317,8 +318,12 @@ class Trainer:
             raise ValueError("no teacher scores: teacher.source must be 'sglang' or 'megatron'")
         mine, batches, seq_len = self._micro_batches(data, rows, with_old=ps.is_pipeline_last_stage())
         normalizer, batches, num_tokens = self._pre_pass(batches, data.num_tokens(rows), seq_len)
+        m2_cutoff = None
+        if self.loss_config.drift_control.kind == "m2po" and ps.is_pipeline_last_stage():
+            m2_cutoff = m2po_batch_cutoff(batches, self.loss_config.drift_control,
+                                          ps.get_data_parallel_group(with_context_parallel=True))
         zero_grads(self.ddp, self.optimizer)
-        forward_step = make_forward_step(self.loss_config, num_tokens, len(batches), normalizer)
+        forward_step = make_forward_step(self.loss_config, num_tokens, len(batches), normalizer, m2_cutoff)
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[self.ddp],
             num_microbatches=len(batches), seq_length=seq_len, micro_batch_size=self.config.reuse.micro_batch_size,
