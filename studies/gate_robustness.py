@@ -476,7 +476,7 @@ the same configuration without a gate, and for a run with dual clipping, a proxi
 clamp the run minus the same configuration with the defaults (the same seed: the same prompts and rollout seeds at
 step 0). "Proximal pi_old": under staleness k, pi_old is the weights before the step (reuse.old_logprobs
 "recompute"), not the policy that sampled k versions before; "behavior weight cap c" adds decoupled PPO's weight
-min(pi_old / pi_behavior, c) per position (then loss.behavior_weight_cap, now loss.drift_control kind tis), compared with the proximal run without it.
+min(pi_old / pi_behavior, c) per position (loss.behavior_weight_cap), compared with the proximal run without it.
 
 Base student: greedy {first['greedy_before']:.3f}, pass@1 {first['pass1_before']:.3f},
 pass@{samples} {first[f'pass{samples}_before'] or float('nan'):.3f}. Teacher: greedy
