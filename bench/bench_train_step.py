@@ -2,7 +2,7 @@
 
 The model is the shipped student (``megatron_bpd/data/task_models/student``) or any HF Qwen3 folder (``--model``);
 the update is the demo's: ``--micro-batches`` micro-batches of ``--micro-batch`` sequences of ``--seq`` tokens
-(the first quarter prompt), the sampled-token OPD loss, Adam. Side by side, each repeat in the same order:
+(the first quarter prompt; ``train_step.random_rollout``), the sampled-token OPD loss, Adam. Side by side, each repeat in the same order:
 
 - ``hf``: plain PyTorch: the HF ``Qwen3ForCausalLM`` forward, log_softmax at the labels, the same PPO-clipped
   sampled-token loss in a few tensor ops, backward, ``torch.optim.Adam``;
@@ -22,19 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from train_step import micro_batch, random_rollout
 
 STUDENT = Path(__file__).resolve().parents[1] / "megatron_bpd" / "data" / "task_models" / "student"
-
-
-def _data(micro_batches: int, batch: int, seq: int, vocab: int) -> list:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(micro_batches):
-        tokens = torch.randint(vocab, (batch, seq + 1), generator=g)
-        mask = torch.arange(seq)[None].expand(batch, seq) >= seq // 4
-        out.append(dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), mask=mask,
-                        old=-torch.rand(batch, seq, generator=g) - 5.0, teacher=-torch.rand(batch, seq, generator=g) * 8))
-    return out
 
 
 def _ppo_loss(cur, old, teacher, mask, num_tokens, clip=0.2, adv_clip=5.0):
@@ -58,9 +48,8 @@ def megatron_steps(hf_dir, data, num_tokens, vocab):
     """{name: step()} for the three Megatron variants, each on its own copy of the weights."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_bpd.gating import GateConfig, plan_segments
+    from megatron_bpd.gating import GateConfig
     from megatron_bpd.models.qwen3 import build_model, load_hf_weights
-    from megatron_bpd.train.batch import MicroBatch
     from megatron_bpd.train.forward_step import make_forward_step
     from megatron_bpd.train.loss import LossConfig
     from megatron_bpd.train.setup import OptimizerSettings, wrap_for_training, zero_grads
@@ -84,14 +73,7 @@ def megatron_steps(hf_dir, data, num_tokens, vocab):
         model = build_model(hf_dir, transformer_impl="local")
         load_hf_weights(model, hf_dir, progress=False)
         ddp_model, optimizer = wrap_for_training(model, settings)
-        plan_gate = gate or GateConfig(granularity="none")
-        batches = []
-        for mb in data:
-            plan = plan_segments(mb["mask"].shape, plan_gate, response_starts=torch.full((mb["mask"].shape[0],),
-                                                                                           mb["mask"].shape[1] // 4))
-            batches.append(MicroBatch(tokens=mb["tokens"], labels=mb["labels"], loss_mask=mb["mask"],
-                                      old_logprobs=mb["old"], segment_ids=plan.segment_ids, plan=plan,
-                                      teacher_logprobs=mb["teacher"]))
+        batches = [micro_batch(mb, gate or GateConfig(granularity="none")) for mb in data]
         forward_step = plain_forward_step if gate is None else make_forward_step(
             LossConfig(gate=gate, vocab_size=vocab), num_tokens, len(data))
 
@@ -124,7 +106,7 @@ def main(argv=None):
     parallel.initialize(tp=1, seed=0)
     hf = AutoModelForCausalLM.from_pretrained(cli.model, dtype=torch.float32)
     vocab = hf.config.vocab_size
-    data = _data(cli.micro_batches, cli.micro_batch, cli.seq, vocab)
+    data = [random_rollout(cli.micro_batch, cli.seq, vocab)] * cli.micro_batches  # the same tokens in each
     num_tokens = sum(int(mb["mask"].sum()) for mb in data)
     optimizer = torch.optim.Adam(hf.parameters(), lr=1e-4)
     steps = {"hf": lambda: hf_step(hf, optimizer, data, num_tokens), **megatron_steps(cli.model, data, num_tokens,
