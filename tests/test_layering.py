@@ -9,11 +9,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_bpd"
 
 # module prefix -> what it must never import (its own layer or a higher one; third-party stacks it must not need)
+LAYER_1 = ("torch.distributed", "megatron", "aiohttp", "megatron_bpd.parallel", "megatron_bpd.train",
+           "megatron_bpd.rollout", "megatron_bpd.serve", "megatron_bpd.vocab_parallel")
 FORBIDDEN = {
-    "megatron_bpd.gating": ("torch.distributed", "megatron", "aiohttp", "megatron_bpd.parallel", "megatron_bpd.train",
-                            "megatron_bpd.rollout", "megatron_bpd.serve", "megatron_bpd.vocab_parallel"),
-    "megatron_bpd.losses": ("torch.distributed", "megatron", "aiohttp", "megatron_bpd.parallel", "megatron_bpd.train",
-                            "megatron_bpd.rollout", "megatron_bpd.serve", "megatron_bpd.vocab_parallel"),
+    "megatron_bpd.drift_controls": LAYER_1,
+    "megatron_bpd.gating": LAYER_1,
+    "megatron_bpd.losses": LAYER_1,
     "megatron_bpd.tasks": ("torch.distributed", "megatron", "aiohttp", "megatron_bpd.train", "megatron_bpd.rollout",
                            "megatron_bpd.serve"),
     "megatron_bpd.rollout": ("megatron_bpd.serve", "megatron_bpd.train", "megatron", "megatron_bpd.parallel"),
