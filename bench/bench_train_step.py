@@ -2,7 +2,8 @@
 
 The model is the shipped student (``megatron_bpd/data/task_models/student``) or any HF Qwen3 folder (``--model``);
 the update is the demo's: ``--micro-batches`` micro-batches of ``--micro-batch`` sequences of ``--seq`` tokens
-(the first quarter prompt; ``train_step.random_rollout``), the sampled-token OPD loss, Adam. Side by side, each repeat in the same order:
+(the first quarter prompt; ``train_step.random_rollout``), the sampled-token OPD loss, Adam. Side by side, each
+repeat in the same order:
 
 - ``hf``: plain PyTorch: the HF ``Qwen3ForCausalLM`` forward, log_softmax at the labels, the same PPO-clipped
   sampled-token loss in a few tensor ops, backward, ``torch.optim.Adam``;

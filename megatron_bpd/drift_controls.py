@@ -21,68 +21,15 @@ rank make them the same as on one process.
 Layer 1 of the package: tensors in, tensors out; no torch.distributed, no Megatron.
 """
 
-from dataclasses import dataclass, fields
 from typing import Callable, Optional, Tuple
 
 import torch
 
 from .losses import _check_finite, _check_same_shape
+from .method_config import DriftControlConfig
 
-KINDS = ("none", "token_drop", "icepop", "tis", "seq_mask", "m2po")
-PARAMETERS = {"token_drop": ("drop_below", "drop_above", "penalty"), "icepop": ("ratio_bounds",), "tis": ("cap",),
-              "seq_mask": ("seq_bounds",), "m2po": ("m2_threshold",)}
-RATIOS = {"token_drop": "current/behavior", "icepop": "proximal/behavior", "tis": "proximal/behavior",
-          "seq_mask": "proximal/behavior", "m2po": "proximal/behavior"}
-# the controls whose weight is an importance weight of the sampled token: they correct a sampled-token estimator
-IMPORTANCE_WEIGHTED = ("icepop", "tis", "seq_mask")
 METRICS = ("drift_masked_frac", "drift_weight_mean", "drift_weight_max", "drift_penalty", "drift_m2",
            "drift_m2_kept")
-
-
-@dataclass
-class DriftControlConfig:
-    """``loss.drift_control``: ``kind`` and the parameters of that kind; defaults are the sources' defaults.
-
-    token_drop: ``drop_below`` 0.2 and ``drop_above`` None (prime-rl's distillation loss: one-sided; set it for the
-    two-sided trust region of prime-rl's RL loss, 0.2 there), ``penalty`` 1e-3. icepop: ``ratio_bounds`` [0.5, 5]
-    (IcePop). tis: ``cap`` 2 (verl, slime). seq_mask: ``seq_bounds`` [0.999, 1.002] (NeMo-RL's reference bounds).
-    m2po: ``m2_threshold`` 0.04 (M2PO). Setting another kind's parameter is an error.
-    """
-
-    kind: str = "none"
-    drop_below: float = 0.2
-    drop_above: Optional[float] = None
-    penalty: float = 1e-3
-    ratio_bounds: Tuple[float, float] = (0.5, 5.0)
-    cap: float = 2.0
-    seq_bounds: Tuple[float, float] = (0.999, 1.002)
-    m2_threshold: float = 0.04
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"loss.drift_control.kind must be one of {KINDS}, got {self.kind!r}")
-        self.ratio_bounds, self.seq_bounds = tuple(self.ratio_bounds), tuple(self.seq_bounds)
-        for f in fields(self):
-            changed = f.name != "kind" and getattr(self, f.name) != f.default
-            if changed and f.name not in PARAMETERS.get(self.kind, ()):
-                owner = next(k for k, names in PARAMETERS.items() if f.name in names)
-                raise ValueError(f"loss.drift_control.{f.name} is a parameter of kind {owner!r}, not of "
-                                 f"{self.kind!r}")
-        for name in ("drop_below", "cap", "m2_threshold") + (("drop_above",) if self.drop_above is not None else ()):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"loss.drift_control.{name} must be > 0, got {getattr(self, name)}")
-        if not self.penalty >= 0:
-            raise ValueError(f"loss.drift_control.penalty must be >= 0, got {self.penalty}")
-        for name in ("ratio_bounds", "seq_bounds"):
-            low, high = getattr(self, name)
-            if not 0 <= low < high:
-                raise ValueError(f"loss.drift_control.{name} must be [low, high] with 0 <= low < high, got "
-                                 f"[{low}, {high}]")
-
-    @property
-    def ratio(self) -> Optional[str]:
-        """Which log-ratio the control reads: "current/behavior", "proximal/behavior", or None (kind "none")."""
-        return RATIOS.get(self.kind)
 
 
 def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

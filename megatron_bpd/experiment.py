@@ -21,15 +21,17 @@ from typing import Callable, Optional
 
 import yaml
 
-from .tasks.registry import TASK_MODELS as SHIPPED_MODELS  # the addition task's pair
+from .tasks.registry import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODELS = TASKS["addition"].models  # the addition task's pair (the demo's default)
 
 
 @dataclass
 class TaskRun:
-    """A distillation run on a synthetic ``task`` (``tasks.registry``). ``loss``: "sampled_token" | "topk_lsm" (OPD, the student samples)
-    or "sft" (the control: SFT on teacher samples, the same number of optimizer updates). ``gate`` is a
+    """A distillation run on a synthetic ``task`` (``tasks.registry``). ``loss``: "sampled_token" | "topk_lsm" (OPD,
+    the student samples) or "sft" (the control: SFT on teacher samples, the same number of optimizer updates).
+    ``gate`` is a
     ``loss.gate`` section; ``epochs`` x ``minibatches`` optimizer updates per rollout batch. ``overrides`` sets any
     other TrainConfig setting ("section.key": value, e.g. ``{"rollout.max_staleness": 2}``) over these."""
 

@@ -22,63 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from . import ops
-
-GRANULARITIES = ("none", "token", "block", "span", "sequence")
-STATISTICS = ("signed_mean", "abs_mean", "rms")
-GATE_FNS = ("exp", "hard")
-SCOPES = ("sequence", "micro-batch", "global")
-
-
-@dataclass
-class GateConfig:
-    """How drift is aggregated into gates. Defaults follow the paper's Block64 variant.
-
-    ``scope`` is where the gates are mean-normalized (the paper leaves it open): each "sequence", the
-    "micro-batch" of one call (default), or the "global" optimizer-step batch across micro-batches and
-    data-parallel ranks (needs the normalizer terms of every micro-batch first: ``normalizer=`` of ``drift_gates``).
-    ``span_min_len``/``span_max_len``/``span_fallback_block`` are the NewlineSpan rules used by
-    ``newline_span_starts`` (the paper leaves them open; defaults 8 / 256 / 64).
-    """
-
-    granularity: str = "block"
-    block_size: int = 64
-    statistic: str = "signed_mean"
-    gate_fn: str = "exp"
-    tau: float = 1.0
-    threshold: Optional[float] = None
-    normalize: bool = True
-    scope: str = "micro-batch"
-    span_min_len: int = 8
-    span_max_len: int = 256
-    span_fallback_block: int = 64
-
-    def __post_init__(self):
-        _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("statistic", self.statistic, STATISTICS)
-        _check_choice("gate_fn", self.gate_fn, GATE_FNS)
-        _check_choice("scope", self.scope, SCOPES)
-        if self.block_size < 1:
-            raise ValueError(f"GateConfig.block_size must be >= 1, got {self.block_size}")
-        if self.tau < 0:
-            raise ValueError(f"GateConfig.tau must be >= 0, got {self.tau}")
-        if self.gate_fn == "hard" and (self.threshold is None or self.threshold < 0):
-            raise ValueError(f"GateConfig.gate_fn='hard' needs a threshold >= 0, got {self.threshold}")
-        if not 1 <= self.span_min_len <= self.span_max_len:
-            raise ValueError(f"GateConfig needs 1 <= span_min_len <= span_max_len, got "
-                             f"{self.span_min_len}, {self.span_max_len}")
-        if self.span_fallback_block < 1:
-            raise ValueError(f"GateConfig.span_fallback_block must be >= 1, got {self.span_fallback_block}")
-
-    @property
-    def segment_block_size(self) -> Optional[int]:
-        """Fixed block length of the granularity, or None for spans (and for "none")."""
-        return {"token": 1, "block": self.block_size}.get(self.granularity)
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"GateConfig.{name} must be one of {choices}, got {value!r}")
-
+from .method_config import GateConfig
 
 @dataclass
 class SequenceLayout:

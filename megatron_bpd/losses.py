@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .method_config import ADVANTAGE_FROM
+
 EPS = 1e-8
 
 
@@ -113,7 +115,6 @@ def _ppo_losses(terms, dual_clip: Optional[float]) -> torch.Tensor:
     return torch.where(advantage < 0, torch.minimum(losses, -dual_clip * advantage), losses)
 
 
-ADVANTAGE_FROM = ("old", "current")
 
 
 def _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip, advantage_from="old"):

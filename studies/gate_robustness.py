@@ -87,7 +87,8 @@ class Config:
                 "rollout.max_staleness": self.staleness,
                 "reuse.old_logprobs": "rollout" if self.staleness and not self.proximal else "recompute",
                 "loss.adv_clip": self.adv_clip, "loss.dual_clip": self.dual_clip, "gate_trace": TRACED,
-                **({} if self.behavior_cap is None else {"loss.drift_control": {"kind": "tis", "cap": self.behavior_cap}})}
+                **({} if self.behavior_cap is None else
+                   {"loss.drift_control": {"kind": "tis", "cap": self.behavior_cap}})}
 
     def granularity(self) -> tuple:
         """(granularity, block size or None) as in results.json."""

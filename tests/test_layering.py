@@ -63,3 +63,17 @@ def test_the_import_reader_sees_local_and_relative_imports(tmp_path):
     path.write_text("import os\ndef f():\n    from ..serve.launch import EmbeddedServer\n")
     assert set(imports(path, "megatron_bpd.rollout.servers")) >= {"os", "megatron_bpd.serve.launch",
                                                                    "megatron_bpd.serve.launch.EmbeddedServer"}
+
+
+def test_loading_and_checking_a_config_imports_neither_torch_nor_aiohttp():
+    """The config tree (train/config.py with the method's settings from method_config.py) loads and validates
+    without the heavy stacks, so --dry-run and tools can check configs anywhere."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from megatron_bpd.train.config import load_config; "
+            "load_config(None, ['loss.kind=topk_lsm', 'loss.gate.block_size=16', 'loss.drift_control.kind=m2po']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'aiohttp', 'megatron', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.strip() == "[]"

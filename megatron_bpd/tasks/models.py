@@ -50,7 +50,8 @@ def task_tokenizer(vocab_size: int = TOKENIZER_VOCAB, seed: int = 0, task: str =
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
-        tokenizer_object=train_task_tokenizer(vocab_size, seed, task), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=train_task_tokenizer(vocab_size, seed, task), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
     )
 

@@ -8,13 +8,11 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import yaml
 
-from .evaluation import EvalSettings
-from .loss import LossConfig
-from .setup import OptimizerSettings
+from ..method_config import ADVANTAGE_FROM, IMPORTANCE_WEIGHTED, DriftControlConfig, GateConfig
 
 
 @dataclass
@@ -130,6 +128,115 @@ class ReuseSettings:
     def __post_init__(self):
         if self.old_logprobs not in ("recompute", "rollout"):
             raise ValueError(f"reuse.old_logprobs must be 'recompute' or 'rollout', got {self.old_logprobs!r}")
+
+
+LOSSES = ("sampled_token", "topk_lsm", "sft")
+
+
+@dataclass
+class LossConfig:
+    """The OPD loss: ``kind`` "sampled_token" (PPO with teacher advantage) or "topk_lsm" (Teacher-TopK/LSM); or
+    "sft", the off-policy control: l_t = -lp_cur_t, the negative log-likelihood of the sampled tokens (with
+    ``rollout.policy: teacher``, supervised fine-tuning on teacher samples; gates do not apply)."""
+
+    kind: str = "sampled_token"
+    gate: GateConfig = field(default_factory=GateConfig)
+    clip_eps: Tuple[float, float] = (0.2, 0.2)
+    adv_clip: float = 5.0
+    # dual-clip PPO: where the advantage is negative, the loss is held at most -c A (no gradient once r > c);
+    # None: off. Bounds the push-down of tokens the current policy rates far above a stale behavior policy.
+    dual_clip: Optional[float] = None
+    log_ratio_clip: float = 5.0
+    temperature: float = 1.0
+    vocab_size: Optional[int] = None  # the real vocabulary when the model's is padded for TP
+    # the output layer fused with the loss: the logits [b, s, V/tp] and their gradient are never held
+    fused_head: bool = True
+    # positions per chunk of the fused head (its memory: chunk x V/tp float32); None: as many as fill 128 MiB
+    chunk_tokens: Optional[int] = None
+    # LSM "tail": S_t = top-K(q) plus the sampled token y_t when it is not among them (K + 1 entries).
+    tail: bool = False
+    # Train only on this fraction of the mini-batch's valid positions with the highest student entropy
+    # (losses.top_entropy_mask over all micro-batches and DP/CP ranks; the loss is normalized by the kept count and
+    # the gates stay normalized over all valid positions). 1.0: every position.
+    top_entropy_fraction: float = 1.0
+    # a control of stale or reused samples, as per-position weights beside the gates (drift_controls; kind "none":
+    # off). "tis" is decoupled PPO's truncated pi_old / pi_behavior (the former loss.behavior_weight_cap).
+    drift_control: DriftControlConfig = field(default_factory=DriftControlConfig)
+    # the sampled-token advantage lp_teach - lp_student from "old" (pi_old, fixed over the step) or "current" (the
+    # current student at each update, detached: AsyncOPD)
+    advantage_from: str = "old"
+
+    def __post_init__(self):
+        if self.kind not in LOSSES:
+            raise ValueError(f"LossConfig.kind must be one of {LOSSES}, got {self.kind!r}")
+        if not 0.0 < self.top_entropy_fraction <= 1.0:
+            raise ValueError(f"loss.top_entropy_fraction must be in (0, 1], got {self.top_entropy_fraction}")
+        self.clip_eps = tuple(self.clip_eps)
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"loss.dual_clip must be > 1 (or null for off), got {self.dual_clip}")
+        if self.advantage_from not in ADVANTAGE_FROM:
+            raise ValueError(f"loss.advantage_from must be one of {ADVANTAGE_FROM}, got {self.advantage_from!r}")
+        if self.advantage_from == "current" and self.kind != "sampled_token":
+            raise ValueError(f"loss.advantage_from 'current' recomputes the sampled-token advantage: it needs the "
+                             f"sampled_token loss, got {self.kind!r} (which has no advantage)")
+        control = self.drift_control.kind
+        if control != "none" and self.kind == "sft":
+            raise ValueError(f"the sft loss takes no drift control (loss.drift_control.kind must be 'none', got "
+                             f"{control!r}): its samples are the teacher's")
+        if control in IMPORTANCE_WEIGHTED and self.kind != "sampled_token":
+            raise ValueError(f"loss.drift_control.kind {control!r} weighs a position by the importance ratio of its "
+                             f"sampled token, which corrects the sampled_token loss's estimate; the {self.kind} loss "
+                             "is exact on the teacher's support: use token_drop or m2po with it")
+        if self.kind == "sft" and self.gate.granularity != "none":
+            raise ValueError(f"the sft loss takes no gate (gate.granularity must be 'none', got "
+                             f"{self.gate.granularity!r})")
+
+
+@dataclass
+class EvalSettings:
+    """``every``: steps between held-out evaluations (0: none); ``prompts``: held-out prompts JSONL (the
+    ``data.prompts`` format, with answers); ``limit``: evaluate the first N (0: all); ``samples``: responses per
+    prompt for pass@1 (0: greedy only); ``probe_prompts`` x ``probe_samples``: the support-KL probe (0: off)."""
+
+    every: int = 0
+    prompts: str = ""
+    limit: int = 0
+    samples: int = 4
+    probe_prompts: int = 8
+    probe_samples: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.every < 0 or self.limit < 0 or self.samples < 0 or self.probe_prompts < 0 or self.probe_samples < 1:
+            raise ValueError(f"eval settings must be non-negative (probe_samples >= 1): {self}")
+
+
+@dataclass
+class OptimizerSettings:
+    """The optimizer's settings (``megatron.core.optimizer.OptimizerConfig`` fields of the same names) and its
+    learning-rate schedule (Megatron's ``OptimizerParamScheduler``, counted in optimizer updates): linear warmup
+    from 0 over ``lr_warmup_steps``, then ``lr_decay_style`` "constant", "linear" or "cosine" down to ``min_lr``
+    at the run's last update."""
+
+    optimizer: str = "adam"
+    lr: float = 2e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.0
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self):
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optimizer.lr_decay_style must be 'constant', 'linear' or 'cosine', got "
+                             f"{self.lr_decay_style!r}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"optimizer.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
 
 
 @dataclass

@@ -20,7 +20,6 @@ Megatron model, so the number is the same under every parallel layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..eval.passk import mean_pass_at_k
@@ -29,25 +28,6 @@ from ..rollout.protocol import SamplingParams
 from ..rollout.rollout import RolloutConfig, generate_rollout
 from ..rollout.types import TrajectoryBatch
 from .data import Prompt
-
-
-@dataclass
-class EvalSettings:
-    """``every``: steps between held-out evaluations (0: none); ``prompts``: held-out prompts JSONL (the
-    ``data.prompts`` format, with answers); ``limit``: evaluate the first N (0: all); ``samples``: responses per
-    prompt for pass@1 (0: greedy only); ``probe_prompts`` x ``probe_samples``: the support-KL probe (0: off)."""
-
-    every: int = 0
-    prompts: str = ""
-    limit: int = 0
-    samples: int = 4
-    probe_prompts: int = 8
-    probe_samples: int = 4
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.every < 0 or self.limit < 0 or self.samples < 0 or self.probe_prompts < 0 or self.probe_samples < 1:
-            raise ValueError(f"eval settings must be non-negative (probe_samples >= 1): {self}")
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> List[float]:

@@ -20,84 +20,23 @@ restricts the loss positions. ``drift_control`` adds one of the RL frameworks' c
 """
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import List, Optional, Union
 
 import torch
 import torch.distributed
 
-from ..drift_controls import (IMPORTANCE_WEIGHTED, DriftControlConfig, control_metrics, drift_penalty, drift_weights,
-                              m2po_cutoff, squared_log_ratios)
-from ..gating import GateConfig, gates_for_segments, normalization_factor, raw_chunk_gates, segment_starts
-from ..losses import (ADVANTAGE_FROM, EPS, gated_mean, sampled_token_metrics, sampled_token_opd_loss,
-                      sampled_token_position_losses, top_entropy_mask)
+from ..drift_controls import control_metrics, drift_penalty, drift_weights, m2po_cutoff, squared_log_ratios
+from ..gating import gates_for_segments, normalization_factor, raw_chunk_gates, segment_starts
+from ..losses import (EPS, gated_mean, sampled_token_metrics, sampled_token_opd_loss, sampled_token_position_losses,
+                      top_entropy_mask)
+from ..method_config import DriftControlConfig
 from ..parallel.context_parallel import group_cat, group_sum
 from ..vocab_parallel import (fused_linear_logprobs, fused_linear_lsm_loss, fused_linear_token_loss, logprobs_at,
                               topk_lsm_loss_parallel)
 from ..vocab_parallel.core import chunk_tokens as tokens_per_chunk
 from .batch import MicroBatch
-
-LOSSES = ("sampled_token", "topk_lsm", "sft")
-
-
-@dataclass
-class LossConfig:
-    """The OPD loss: ``kind`` "sampled_token" (PPO with teacher advantage) or "topk_lsm" (Teacher-TopK/LSM); or
-    "sft", the off-policy control: l_t = -lp_cur_t, the negative log-likelihood of the sampled tokens (with
-    ``rollout.policy: teacher``, supervised fine-tuning on teacher samples; gates do not apply)."""
-
-    kind: str = "sampled_token"
-    gate: GateConfig = field(default_factory=GateConfig)
-    clip_eps: Tuple[float, float] = (0.2, 0.2)
-    adv_clip: float = 5.0
-    # dual-clip PPO: where the advantage is negative, the loss is held at most -c A (no gradient once r > c);
-    # None: off. Bounds the push-down of tokens the current policy rates far above a stale behavior policy.
-    dual_clip: Optional[float] = None
-    log_ratio_clip: float = 5.0
-    temperature: float = 1.0
-    vocab_size: Optional[int] = None  # the real vocabulary when the model's is padded for TP
-    # the output layer fused with the loss: the logits [b, s, V/tp] and their gradient are never held
-    fused_head: bool = True
-    # positions per chunk of the fused head (its memory: chunk x V/tp float32); None: as many as fill 128 MiB
-    chunk_tokens: Optional[int] = None
-    # LSM "tail": S_t = top-K(q) plus the sampled token y_t when it is not among them (K + 1 entries).
-    tail: bool = False
-    # Train only on this fraction of the mini-batch's valid positions with the highest student entropy
-    # (losses.top_entropy_mask over all micro-batches and DP/CP ranks; the loss is normalized by the kept count and
-    # the gates stay normalized over all valid positions). 1.0: every position.
-    top_entropy_fraction: float = 1.0
-    # a control of stale or reused samples, as per-position weights beside the gates (drift_controls; kind "none":
-    # off). "tis" is decoupled PPO's truncated pi_old / pi_behavior (the former loss.behavior_weight_cap).
-    drift_control: DriftControlConfig = field(default_factory=DriftControlConfig)
-    # the sampled-token advantage lp_teach - lp_student from "old" (pi_old, fixed over the step) or "current" (the
-    # current student at each update, detached: AsyncOPD)
-    advantage_from: str = "old"
-
-    def __post_init__(self):
-        if self.kind not in LOSSES:
-            raise ValueError(f"LossConfig.kind must be one of {LOSSES}, got {self.kind!r}")
-        if not 0.0 < self.top_entropy_fraction <= 1.0:
-            raise ValueError(f"loss.top_entropy_fraction must be in (0, 1], got {self.top_entropy_fraction}")
-        self.clip_eps = tuple(self.clip_eps)
-        if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"loss.dual_clip must be > 1 (or null for off), got {self.dual_clip}")
-        if self.advantage_from not in ADVANTAGE_FROM:
-            raise ValueError(f"loss.advantage_from must be one of {ADVANTAGE_FROM}, got {self.advantage_from!r}")
-        if self.advantage_from == "current" and self.kind != "sampled_token":
-            raise ValueError(f"loss.advantage_from 'current' recomputes the sampled-token advantage: it needs the "
-                             f"sampled_token loss, got {self.kind!r} (which has no advantage)")
-        control = self.drift_control.kind
-        if control != "none" and self.kind == "sft":
-            raise ValueError(f"the sft loss takes no drift control (loss.drift_control.kind must be 'none', got "
-                             f"{control!r}): its samples are the teacher's")
-        if control in IMPORTANCE_WEIGHTED and self.kind != "sampled_token":
-            raise ValueError(f"loss.drift_control.kind {control!r} weighs a position by the importance ratio of its "
-                             f"sampled token, which corrects the sampled_token loss's estimate; the {self.kind} loss "
-                             "is exact on the teacher's support: use token_drop or m2po with it")
-        if self.kind == "sft" and self.gate.granularity != "none":
-            raise ValueError(f"the sft loss takes no gate (gate.granularity must be 'none', got "
-                             f"{self.gate.granularity!r})")
-
+from .config import LossConfig
 
 @dataclass
 class HiddenStates:

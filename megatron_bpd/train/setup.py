@@ -2,37 +2,9 @@
 ``finalize_model_grads`` (tied-embedding and qk-layernorm gradient sums across stages and TP ranks) and its
 optimizer (optionally the distributed optimizer that shards optimizer state over DP)."""
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class OptimizerSettings:
-    """The optimizer's settings (``megatron.core.optimizer.OptimizerConfig`` fields of the same names) and its
-    learning-rate schedule (Megatron's ``OptimizerParamScheduler``, counted in optimizer updates): linear warmup
-    from 0 over ``lr_warmup_steps``, then ``lr_decay_style`` "constant", "linear" or "cosine" down to ``min_lr``
-    at the run's last update."""
-
-    optimizer: str = "adam"
-    lr: float = 2e-6
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 0
-    lr_decay_style: str = "constant"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    sgd_momentum: float = 0.0
-    clip_grad: float = 1.0
-    use_distributed_optimizer: bool = False
-
-    def __post_init__(self):
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(f"optimizer.lr_decay_style must be 'constant', 'linear' or 'cosine', got "
-                             f"{self.lr_decay_style!r}")
-        if self.lr_warmup_steps < 0:
-            raise ValueError(f"optimizer.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+from .config import OptimizerSettings
 
 
 def wrap_for_training(model, settings: OptimizerSettings):
