@@ -97,7 +97,8 @@ class Qwen3Runner:
         cache.reserve(used)
         cos, sin = self._rotary(positions, used)
         mask = None if fresh else (torch.arange(used) <= positions[:, :, None])[:, None]  # [B, 1, S, used]
-        where = (index[:, None, None], torch.arange(config.num_key_value_heads)[None, :, None], positions[:, None])
+        heads, capacity = config.num_key_value_heads, cache.capacity  # flat row of (slot, head, position) in [S*H*C, D]
+        rows = ((index[:, None, None] * heads + torch.arange(heads)[:, None]) * capacity + positions[:, None]).view(-1)
         x = inner.embed_tokens(tokens)
         shape = (b, s, -1, self.head_dim)
         for i, layer in enumerate(inner.layers):
@@ -107,12 +108,15 @@ class Qwen3Runner:
             k = _rms(attn.k_norm, _linear(attn.k_proj, h).view(shape)).transpose(1, 2)
             v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            cache.keys[i].index_put_(where, k)
-            cache.values[i].index_put_(where, v)
+            cache.keys[i].view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
+            cache.values[i].view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
             if not fresh:
                 k, v = cache.window(i, slots, used)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fresh and s > 1,
-                                               scale=attn.scaling, enable_gqa=True)
+            if s == 1 and not fresh:
+                o = _decode_attention(q, k, v, mask, attn.scaling)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fresh and s > 1,
+                                                   scale=attn.scaling, enable_gqa=True)
             x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, s, -1))
             h = _rms(layer.post_attention_layernorm, x)
             x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
@@ -128,3 +132,12 @@ def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
+    """One query per row: softmax(q k^T * scale, masked) v with the G = H / H_kv query heads of a KV head as the
+    rows of one matmul. q [B, H, 1, D], k / v [B, H_kv, L, D], mask [B, 1, 1, L] (True: attend) -> [B, H, 1, D]."""
+    b, h, _, d = q.shape
+    qg = q.view(b, k.shape[1], h // k.shape[1], d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).view(b, h, 1, d)
