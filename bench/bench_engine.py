@@ -66,7 +66,7 @@ def engine_rate(package: str, model, batch: list[list[int]], args) -> float:
                 params=SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, ignore_eos=True),
                 sampling=row(args.temperature, args.top_p, -1, torch.Generator().manual_seed(repeat * 1000 + i)),
-                notify=lambda s, n: done.release() if s.finish is not None else None) for i, p in enumerate(batch)]
+                notify=lambda s, n, done=done: done.release() if s.finish is not None else None) for i, p in enumerate(batch)]
             start = time.process_time()
             engine.submit([[s] for s in seqs])
             for _ in seqs:

@@ -10,9 +10,10 @@ reset when it is reused); the capacity C grows by doubling when a row outgrows i
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 
 class KVCache:
@@ -66,6 +67,7 @@ class Qwen3Runner:
         self.config = config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.dtype = next(model.parameters()).dtype
+        self._layers = [_layer_tensors(layer) for layer in model.model.layers]
         self._cos = self._sin = torch.zeros(0)
 
     def new_cache(self, slots: int) -> KVCache:
@@ -73,13 +75,14 @@ class Qwen3Runner:
                        self.dtype)
 
     def _rotary(self, positions: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, S, D] at ``positions`` [B, S], from a table of positions 0..C-1 grown by doubling."""
+        """cos and signed sin [B, 1, S, D] at ``positions`` [B, S] (see ``_rope``), from a table of positions
+        0..C-1 grown by doubling."""
         if needed > self._cos.shape[0]:
             size = max(needed, 2 * self._cos.shape[0], 256)
-            probe = torch.zeros(1, dtype=self.dtype)
-            cos, sin = self.model.model.rotary_emb(probe, torch.arange(size)[None])
-            self._cos, self._sin = cos[0], sin[0]
-        return self._cos[positions], self._sin[positions]
+            cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=self.dtype), torch.arange(size)[None])
+            half = sin.shape[-1] // 2
+            self._cos, self._sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return self._cos[positions][:, None], self._sin[positions][:, None]
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, slots: list[int], tokens: torch.Tensor, new_lens: torch.Tensor,
@@ -101,37 +104,52 @@ class Qwen3Runner:
         rows = ((index[:, None, None] * heads + torch.arange(heads)[:, None]) * capacity + positions[:, None]).view(-1)
         x = inner.embed_tokens(tokens)
         shape = (b, s, -1, self.head_dim)
-        for i, layer in enumerate(inner.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = _rms(layer.input_layernorm, x)
-            q = _rms(attn.q_norm, _linear(attn.q_proj, h).view(shape)).transpose(1, 2)
-            k = _rms(attn.k_norm, _linear(attn.k_proj, h).view(shape)).transpose(1, 2)
-            v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        for i, w in enumerate(self._layers):
+            h = _rms(w.input_norm, x)
+            q = _rope(_rms(w.q_norm, F.linear(h, *w.q).view(shape)).transpose(1, 2), cos, sin)
+            k = _rope(_rms(w.k_norm, F.linear(h, *w.k).view(shape)).transpose(1, 2), cos, sin)
+            v = F.linear(h, *w.v).view(shape).transpose(1, 2)
             cache.keys[i].view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
             cache.values[i].view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
             if not fresh:
                 k, v = cache.window(i, slots, used)
             if s == 1 and not fresh:
-                o = _decode_attention(q, k, v, mask, attn.scaling)
+                o = _decode_attention(q, k, v, mask, w.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fresh and s > 1,
-                                                   scale=attn.scaling, enable_gqa=True)
-            x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, s, -1))
-            h = _rms(layer.post_attention_layernorm, x)
-            x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+                                                   scale=w.scaling, enable_gqa=True)
+            x = x + F.linear(o.transpose(1, 2).reshape(b, s, -1), *w.o)
+            h = _rms(w.post_norm, x)
+            x = x + F.linear(w.act(F.linear(h, *w.gate)) * F.linear(h, *w.up), *w.down)
         cache.lengths.index_add_(0, index, new_lens)
         x = x[at] if at is not None else x[torch.arange(b), new_lens - 1]
-        return _linear(self.model.lm_head, _rms(inner.norm, x)).float()
+        head = self.model.lm_head
+        return F.linear(_rms((inner.norm.weight, inner.norm.variance_epsilon), x), head.weight, head.bias).float()
 
 
-def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """HF's Qwen3RMSNorm in one op: x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+def _layer_tensors(layer: torch.nn.Module) -> SimpleNamespace:
+    """A decoder layer's parameters, looked up once: (weight, bias) per projection, (weight, eps) per RMSNorm. They
+    are the model's own tensors, so in-place weight updates reach the runner."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linear = lambda m: (m.weight, m.bias)  # noqa: E731
+    norm = lambda m: (m.weight, m.variance_epsilon)  # noqa: E731
+    return SimpleNamespace(input_norm=norm(layer.input_layernorm), post_norm=norm(layer.post_attention_layernorm),
+                           q_norm=norm(attn.q_norm), k_norm=norm(attn.k_norm), q=linear(attn.q_proj),
+                           k=linear(attn.k_proj), v=linear(attn.v_proj), o=linear(attn.o_proj), scaling=attn.scaling,
+                           gate=linear(mlp.gate_proj), up=linear(mlp.up_proj), down=linear(mlp.down_proj),
+                           act=mlp.act_fn)
 
 
-def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight, module.bias)
+def _rms(norm: tuple[torch.Tensor, float], x: torch.Tensor) -> torch.Tensor:
+    """HF's Qwen3RMSNorm: x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    weight, eps = norm
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotary embedding x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], written as
+    x * cos + [x2, x1] * [-sin1, sin2] (the same products). x [B, H, S, D], cos / signed_sin [B, 1, S, D]."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
