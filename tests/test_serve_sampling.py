@@ -88,3 +88,38 @@ def test_a_seed_gives_the_same_tokens_alone_and_in_a_full_batch():
     other = SlotSampling(slots)
     other.assign(0, SamplingRow(0.9, 0.9, 40, torch.Generator().manual_seed(1235)), steps)
     assert [int(other.sample(logits[t, 5:6], torch.tensor([0]))[0][0]) for t in range(steps)] != solo
+
+
+def test_n_samples_of_a_long_prompt_share_a_prefill_after_the_cache_grew(tmp_path):
+    """The engine itself: a prompt longer than the cache's first capacity (the layers are reallocated) prefilled once
+    for n = 3 samples, which equal the same seeds sampled one request at a time; a 4th sequence with the same prompt
+    in the same admission shares the prefill too."""
+    import threading
+
+    from megatron_bpd.rollout.protocol import SamplingParams
+    from megatron_bpd.serve.engine import Engine, Sequence
+    from megatron_bpd.serve.weights import load_model
+    from rollout_fixtures import make_tiny_qwen3
+
+    model_dir = make_tiny_qwen3(tmp_path / "model")
+    engine = Engine(lambda: load_model(str(model_dir)), max_running=8)
+    engine.start()
+    assert engine.loaded.wait(60)
+    prompt = [(7 * i) % 290 + 3 for i in range(300)]
+
+    def run(seeds: list[list[int]]) -> list[list[int]]:
+        done = threading.Semaphore(0)
+        groups = [[Sequence(rid=f"{g}-{j}", request_rid=str(g), prompt=prompt, params=SamplingParams(
+            max_new_tokens=6, ignore_eos=True), sampling=SamplingRow(1.0, 0.9, -1, torch.Generator().manual_seed(s)),
+            notify=lambda seq, n: done.release() if seq.finish else None) for j, s in enumerate(group)]
+            for g, group in enumerate(seeds)]
+        engine.submit(groups)
+        for _ in range(sum(map(len, seeds))):
+            assert done.acquire(timeout=60)
+        assert all(seq.finish["type"] == "length" for g in groups for seq in g)
+        return [seq.output_ids for g in groups for seq in g]
+    try:
+        together = run([[10, 11, 12], [13]])
+        assert together == [run([[s]])[0] for s in (10, 11, 12, 13)]
+    finally:
+        engine.stop()

@@ -191,11 +191,6 @@ class Engine:
         self._cache.lengths[torch.tensor(free[: sum(map(len, groups))])] = 0
         logits = self.runner.forward(self._cache, [owner[row] for row in range(len(prompts))], batch, lens,
                                      at=(at_rows, at_cols))
-        for g in groups:
-            if len(g) < len(self._waiting[0]):
-                self._waiting[0] = self._waiting[0][len(g):]
-            else:
-                self._waiting.popleft()
         if scored:
             targets = batch[at_rows[:n_scored], at_cols[:n_scored] + 1]
             per_group = input_logprobs(logits[:n_scored], targets, [len(c) for c in spans],
@@ -203,11 +198,10 @@ class Engine:
             for (g, _), (values, tops) in zip(scored, per_group):
                 for seq in g:
                     seq.input_logprobs, seq.input_top = values, tops
-        joined, last_rows = [], []
+        joined, last_rows, prefilled = [], [], []
         for g, row in zip(groups, rows):
             if g[0].params.max_new_tokens == 0:
-                for seq in g:
-                    self._finish(seq, {"type": "length", "length": 0})
+                prefilled += g
                 continue
             self._cache.fork(owner[row], [seq.slot for seq in g if seq.slot != owner[row]])
             for seq in g:
@@ -219,6 +213,13 @@ class Engine:
             last_rows += [n_scored + row] * len(g)
         if joined:
             self._join(joined, logits[torch.tensor(last_rows)])
+        for g in groups:  # admitted: they leave the queue (an error before this aborts them there)
+            if len(g) < len(self._waiting[0]):
+                self._waiting[0] = self._waiting[0][len(g):]
+            else:
+                self._waiting.popleft()
+        for seq in prefilled:
+            self._finish(seq, {"type": "length", "length": 0})
 
     def _join(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Add running ``seqs`` (next-token logits [n, V]) and keep the batch in slot order."""

@@ -38,13 +38,14 @@ class KVCache:
         self.keys = [F.pad(k, (0, 0, 0, grow)) for k in self.keys]
         self.values = [F.pad(v, (0, 0, 0, grow)) for v in self.values]
 
+    @torch.inference_mode()  # the layers are inference tensors once a forward has grown them
     def fork(self, src: int, dst: list[int]) -> None:
         """Give slots ``dst`` the cache of slot ``src`` (the n samples of one prompt share its prefill)."""
         if not dst:
             return
         used, index = int(self.lengths[src]), torch.tensor(dst)
         for layer in self.keys + self.values:
-            layer[index, :, :used] = layer[src, :, :used]
+            layer[index, :, :used] = layer[src, :, :used].clone()
         self.lengths[index] = used
 
     def window(self, layer: int, slots: list[int], used: int) -> tuple[torch.Tensor, torch.Tensor]:
