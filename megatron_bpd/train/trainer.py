@@ -427,8 +427,8 @@ class Trainer:
                                              r.max_new_tokens, c.eval.samples, r.temperature, r.top_p, c.eval.seed)
         async def probe():
             prompts = [p.token_ids for p in self.eval_prompts[:c.eval.probe_prompts]]
-            config = RolloutConfig(n_samples=c.eval.probe_samples, seed=c.eval.seed + 7919, mask_token_ids=self.mask_ids,
-                                   sampling=self._sampling())
+            config = RolloutConfig(n_samples=c.eval.probe_samples, seed=c.eval.seed + 7919,
+                                   mask_token_ids=self.mask_ids, sampling=self._sampling())
             trajectories = await generate_rollout(client, prompts, config)
             return trajectories, await SGLangTeacher(teacher_client, c.teacher.top_k).score(trajectories)
 
