@@ -425,6 +425,7 @@ class Trainer:
         c, r = self.config, self.config.rollout
         run = lambda target: evaluate_policy(target, self.eval_prompts, self.tokenizer, self.checker,  # noqa: E731
                                              r.max_new_tokens, c.eval.samples, r.temperature, r.top_p, c.eval.seed)
+
         async def probe():
             prompts = [p.token_ids for p in self.eval_prompts[:c.eval.probe_prompts]]
             config = RolloutConfig(n_samples=c.eval.probe_samples, seed=c.eval.seed + 7919,
