@@ -27,9 +27,14 @@ from megatron_bpd.models.qwen3 import (
 from megatron_bpd.models.qwen3.hf_io import HFWriter
 
 
-def write_synthetic(hf_dir: Path, size: str, layers: int) -> int:
-    """A random bf16 checkpoint with the shapes of ``size`` and ``layers`` layers, in 1 GiB shards; its bytes."""
-    config = qwen3_hf_config(size, num_hidden_layers=layers)
+SMOKE = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+             head_dim=64)  # --smoke: these override the size's shapes
+
+
+def write_synthetic(hf_dir: Path, size: str, layers: int, **shapes) -> int:
+    """A random bf16 checkpoint with the shapes of ``size`` (``shapes`` override config entries) and ``layers``
+    layers, in 1 GiB shards; its bytes."""
+    config = qwen3_hf_config(size, num_hidden_layers=layers, **shapes)
     writer = HFWriter(hf_dir, max_shard_bytes=2**30)
     gen = torch.Generator().manual_seed(0)
     for name, shape in tqdm(hf_shapes(Qwen3Arch.from_hf(config)).items(), desc="synthetic checkpoint"):
@@ -87,11 +92,14 @@ def main() -> None:
     parser.add_argument("--size", default="1.7B")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--smoke", action="store_true", help="seconds: 1 layer of hidden 128, vocab 1024, TP 1")
     args = parser.parse_args()
+    if args.smoke:
+        args.layers, args.tp = 1, [1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = Path(args.work)
     hf = work / "hf"
-    nbytes = write_synthetic(hf, args.size, args.layers)
+    nbytes = write_synthetic(hf, args.size, args.layers, **(SMOKE if args.smoke else {}))
     try:
         for tp in args.tp:
             run("convert", nbytes, tp, convert_hf_to_megatron, str(hf), str(work / f"megatron-tp{tp}"))

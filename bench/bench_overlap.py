@@ -27,9 +27,11 @@ COLUMNS = ("time_step", "time_wait_rollout", "time_wait_train", "time_generate",
 
 def run(k: int, root: Path, prompts: Path, args) -> dict:
     gate = {"granularity": "block", "block_size": args.block_size}
-    config = TaskRun(str(root / f"k{k}"), str(SHIPPED_MODELS / "student"), str(SHIPPED_MODELS / "teacher"),
-                     str(prompts), "", gate=gate, steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp,
-                     eval_every=0).config()
+    run = TaskRun(str(root / f"k{k}"), str(SHIPPED_MODELS / "student"), str(SHIPPED_MODELS / "teacher"),
+                  str(prompts), "", gate=gate, steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp, eval_every=0)
+    if args.smoke:
+        run = run.replace(prompts_per_step=4, max_new_tokens=8, minibatches=1, micro_batch_size=4)
+    config = run.config()
     config["rollout"]["max_staleness"] = k
     config["reuse"]["old_logprobs"] = "rollout"
     steady = launch_config(config)["metrics"][args.warmup:]
@@ -60,7 +62,10 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write", type=Path, default=None, help="append the table to this Markdown file")
+    parser.add_argument("--smoke", action="store_true", help="seconds: k = 1, 2 steps of 4 prompts x 8 tokens")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.ks, args.steps, args.warmup = [1], 2, 1
     if args.steps <= args.warmup:
         parser.error("--steps must be larger than --warmup")
 

@@ -26,11 +26,10 @@ from pathlib import Path
 import aiohttp
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from rollout_fixtures import ServerProcess  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_bpd.rollout import (ClientConfig, RolloutConfig, SamplingParams, SGLangClient,  # noqa: E402
                                   generate_rollout)
+from megatron_bpd.serve.launch import EmbeddedServer  # noqa: E402
 
 
 def make_model(path: Path, hidden: int, layers: int, vocab: int) -> Path:
@@ -89,12 +88,18 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per measurement")
+    parser.add_argument("--smoke", action="store_true", help="seconds: a hidden-64 model, concurrency 1 and 2, "
+                                                             "4 new tokens, one run")
     args = parser.parse_args()
+    if args.smoke:
+        args.hidden, args.vocab, args.concurrency, args.requests_per_level = 64, 512, [1, 2], 1
+        args.prompt_len, args.new_tokens, args.repeats = 8, 4, 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the server process on the way out
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else make_model(Path(tmp) / "model", args.hidden, args.layers,
                                                                args.vocab)
-        server = ServerProcess(model, Path(tmp)).wait_healthy()
+        server = EmbeddedServer(model, env=dict(os.environ, OMP_NUM_THREADS="1"), log_path=Path(tmp) / "server.log",
+                                extra_args=["--log-level", "warning"]).start()
         try:
             asyncio.run(bare(server.url, workload(4, args.prompt_len, args.vocab), 4, 8))  # warm-up
             rows = []

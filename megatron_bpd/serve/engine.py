@@ -1,9 +1,11 @@
 """The inference engine: one thread owns the model and runs continuous batching.
 
-Each iteration admits waiting requests (one batched prefill per admission; the n samples of a prompt share it),
-then samples one token for every running sequence and runs one batched decode step over the KV cache. Finished
-sequences leave the batch at once, new ones join at the next iteration. Control operations (abort, pause, weight
-updates) run in the same thread between iterations, so they never race a forward pass.
+Running sequences live in the fixed slots of a preallocated KV cache (``max_running`` of them). Each iteration
+admits waiting samples into free slots (one batched prefill, each distinct prompt once: the n samples of a prompt
+share it), then samples one token for every running sequence at once (``SlotSampling``) and runs one batched decode
+step. Finished sequences free their slot at once (nothing is copied), new ones take free slots at the next
+iteration. Control operations (abort, pause, weight updates) run in the same thread between iterations, so they
+never race a forward pass.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from megatron_bpd.rollout.protocol import SamplingParams
 from megatron_bpd.serve.runner import KVCache, Qwen3Runner
-from megatron_bpd.serve.sampling import SamplingRow, sample
+from megatron_bpd.serve.sampling import SamplingRow, SlotSampling
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class Sequence:
     finish: dict[str, Any] | None = None
     weight_version: str = "default"
     created: float = field(default_factory=time.monotonic)
+    slot: int = -1  # the KV-cache slot while running
+    stop_ids: frozenset[int] = frozenset()  # stop_token_ids, plus EOS unless ignore_eos
 
     @property
     def wants_input_logprobs(self) -> bool:
@@ -58,9 +62,10 @@ class Sequence:
 class Engine:
     """Thread-safe front: ``submit``, ``abort``, ``call``; everything else runs in the engine thread."""
 
-    def __init__(self, load: Callable[[], tuple[torch.nn.Module, Any]], max_running: int = 64):
+    def __init__(self, load: Callable[[], tuple[torch.nn.Module, Any]], max_running: int = 64,
+                 max_prefill_tokens: int = 16384):
         self._load = load
-        self.max_running = max_running
+        self.max_running, self.max_prefill_tokens = max_running, max_prefill_tokens
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
         self.model = self.tokenizer = self.runner = None
@@ -69,10 +74,13 @@ class Engine:
         self.num_finished = 0
         self._commands: queue.Queue = queue.Queue()
         self._waiting: deque[list[Sequence]] = deque()  # groups of samples sharing one prompt
-        self._running: list[Sequence] = []
+        self._running: list[Sequence] = []  # in slot order
+        self._slots: list[Sequence | None] = [None] * max_running
+        self._sampling = SlotSampling(max_running)
         self._cache: KVCache | None = None
-        self._next_logits: torch.Tensor | None = None
-        self._stop_ids: list[int] = []
+        self._next_logits: torch.Tensor | None = None  # [len(_running), V]
+        self._stop_ids: frozenset[int] = frozenset()
+        self._set_running([], None)
         self._thread = threading.Thread(target=self._main, name="megatron-bpd-engine", daemon=True)
 
     # ---- thread-safe API ----
@@ -112,8 +120,9 @@ class Engine:
         try:
             self.model, self.tokenizer = self._load()
             self.runner = Qwen3Runner(self.model)
+            self._cache = self.runner.new_cache(self.max_running)
             eos = self.model.config.eos_token_id
-            self._stop_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            self._stop_ids = frozenset([] if eos is None else ([eos] if isinstance(eos, int) else eos))
             self.loaded.set()
         except BaseException as exc:  # noqa: BLE001 - reported by /health
             self.load_error = exc
@@ -126,15 +135,15 @@ class Engine:
             if self.paused:
                 continue
             try:
-                if self._waiting and len(self._running) < self.max_running:
+                if self._waiting and None in self._slots:
                     self._admit()
                 if self._running:
                     self._step()
             except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
                 log.exception("engine iteration failed")
                 self._abort(None, f"internal error: {type(exc).__name__}: {exc}", status_code=500)
-                self._cache = self._next_logits = None
-                self._running = []
+                self._slots = [None] * self.max_running
+                self._set_running([], None)
 
     def _drain(self, block: bool) -> bool:
         """Run queued commands (waiting for one when ``block``); False once stop() was called."""
@@ -152,53 +161,97 @@ class Engine:
                 return True
 
     def _admit(self) -> None:
-        """Prefill waiting groups in one batch; they leave the queue only once the prefill succeeded."""
-        count, rows = 0, len(self._running)
-        while count < len(self._waiting) and (count == 0 or rows + len(self._waiting[count]) <= self.max_running):
-            rows += len(self._waiting[count])
-            count += 1
-        groups = [self._waiting[i] for i in range(count)]
-        lens = torch.tensor([len(g[0].prompt) for g in groups])
-        tokens = torch.zeros(len(groups), int(lens.max()), dtype=torch.int64)
-        for i, g in enumerate(groups):
-            tokens[i, : lens[i]] = torch.tensor(g[0].prompt)
-        all_logits = any(seq.wants_input_logprobs for g in groups for seq in g)
-        cache = self.runner.new_cache(len(groups))
-        logits = self.runner.forward(cache, tokens, lens, all_logits=all_logits)
-        for _ in groups:
-            self._waiting.popleft()
-        keep_rows, joined = [], []
-        for i, group in enumerate(groups):
-            if any(seq.wants_input_logprobs for seq in group):
-                lps, top = input_logprobs(logits[i, : lens[i]], tokens[i, : lens[i]], group[0].logprob_start_len,
-                                          group[0].top_logprobs_num)
-                for seq in group:
-                    seq.input_logprobs, seq.input_top = lps, top
-            if group[0].params.max_new_tokens == 0:
-                for seq in group:
-                    self._finish(seq, {"type": "length", "length": 0})
+        """Prefill waiting samples in one batch, up to the free slots and ``max_prefill_tokens`` prompt tokens, each
+        distinct prompt once (the n samples of a prompt, and equal prompts of different requests, share a prefill).
+        A group wider than the free slots is split; samples leave the queue only once the prefill succeeded."""
+        free = [slot for slot, seq in enumerate(self._slots) if seq is None]
+        groups, tokens = [], 0
+        for group in self._waiting:
+            taken = sum(map(len, groups))
+            if taken == len(free) or (groups and tokens + len(group[0].prompt) > self.max_prefill_tokens):
+                break
+            groups.append(group[: len(free) - taken])
+            tokens += len(group[0].prompt)
+        prompts: dict[tuple[int, ...], int] = {}  # prompt -> its row in the prefill batch
+        rows = [prompts.setdefault(tuple(g[0].prompt), len(prompts)) for g in groups]
+        for seq, slot in zip((seq for g in groups for seq in g), free):
+            seq.slot = slot
+        owner = {}  # prefill row -> the slot it is computed in
+        for g, row in zip(groups, rows):
+            owner.setdefault(row, g[0].slot)
+        lens = torch.tensor([len(p) for p in prompts])
+        batch = torch.zeros(len(prompts), int(lens.max()), dtype=torch.int64)
+        for row, prompt in enumerate(prompts):
+            batch[row, : len(prompt)] = torch.tensor(prompt)
+        scored = [(g, row) for g, row in zip(groups, rows) if g[0].wants_input_logprobs]
+        spans = [torch.arange(g[0].logprob_start_len, len(g[0].prompt) - 1) for g, _ in scored]
+        n_scored = sum(map(len, spans))
+        at_rows = torch.cat([torch.full_like(c, row) for c, (_, row) in zip(spans, scored)] + [torch.arange(len(lens))])
+        at_cols = torch.cat(spans + [lens - 1])
+        self._cache.lengths[torch.tensor(free[: sum(map(len, groups))])] = 0
+        logits = self.runner.forward(self._cache, [owner[row] for row in range(len(prompts))], batch, lens,
+                                     at=(at_rows, at_cols))
+        if scored:
+            targets = batch[at_rows[:n_scored], at_cols[:n_scored] + 1]
+            per_group = input_logprobs(logits[:n_scored], targets, [len(c) for c in spans],
+                                       [g[0].top_logprobs_num for g, _ in scored])
+            for (g, _), (values, tops) in zip(scored, per_group):
+                for seq in g:
+                    seq.input_logprobs, seq.input_top = values, tops
+        joined, last_rows, prefilled = [], [], []
+        for g, row in zip(groups, rows):
+            if g[0].params.max_new_tokens == 0:
+                prefilled += g
                 continue
-            keep_rows += [i] * len(group)
-            joined += group
-        if not joined:
-            return
-        rows_t = torch.tensor(keep_rows)
-        last = logits[rows_t, lens[rows_t] - 1] if all_logits else logits[rows_t]
-        new_cache = cache.select(rows_t)
-        self._cache = new_cache if self._cache is None else KVCache.cat([self._cache, new_cache])
-        self._next_logits = last if self._next_logits is None else torch.cat([self._next_logits, last])
-        self._running += joined
+            self._cache.fork(owner[row], [seq.slot for seq in g if seq.slot != owner[row]])
+            for seq in g:
+                self._slots[seq.slot] = seq
+                self._sampling.assign(seq.slot, seq.sampling, seq.params.max_new_tokens)
+                seq.stop_ids = frozenset(seq.params.stop_token_ids or ()) | (
+                    frozenset() if seq.params.ignore_eos else self._stop_ids)
+            joined += g
+            last_rows += [n_scored + row] * len(g)
+        if joined:
+            self._join(joined, logits[torch.tensor(last_rows)])
+        for g in groups:  # admitted: they leave the queue (an error before this aborts them there)
+            if len(g) < len(self._waiting[0]):
+                self._waiting[0] = self._waiting[0][len(g):]
+            else:
+                self._waiting.popleft()
+        for seq in prefilled:
+            self._finish(seq, {"type": "length", "length": 0})
+
+    def _join(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Add running ``seqs`` (next-token logits [n, V]) and keep the batch in slot order."""
+        running = self._running + seqs
+        logits = logits if self._next_logits is None else torch.cat([self._next_logits, logits])
+        order = sorted(range(len(running)), key=lambda b: running[b].slot)
+        self._set_running([running[b] for b in order], logits[torch.tensor(order)])
+
+    def _set_running(self, running: list[Sequence], logits: torch.Tensor | None) -> None:
+        self._running, self._next_logits = running, logits
+        self._running_slots = [seq.slot for seq in running]
+        self._logprob_rows = any(seq.return_logprob for seq in running)
+        self._top_k = max((seq.top_logprobs_num for seq in running if seq.return_logprob), default=0)
 
     def _step(self) -> None:
-        tokens, logprobs = sample(self._next_logits, [seq.sampling for seq in self._running])
+        """Sample one token for every running row, retire the finished ones, run one decode step for the rest."""
+        slots = torch.tensor(self._running_slots)
+        tokens, logprobs = self._sampling.sample(self._next_logits, slots)
+        token_list = tokens.tolist()
+        if self._logprob_rows:
+            chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            if self._top_k:
+                top_values, top_ids = torch.topk(logprobs, min(self._top_k, logprobs.shape[1]))
+                top_values, top_ids = top_values.tolist(), top_ids.tolist()
         keep = []
-        for b, seq in enumerate(self._running):
-            token = int(tokens[b])
+        for b, (seq, token) in enumerate(zip(self._running, token_list)):
             seq.output_ids.append(token)
             if seq.return_logprob:
-                seq.output_logprobs.append(float(logprobs[b, token]))
+                seq.output_logprobs.append(chosen[b])
                 if seq.top_logprobs_num > 0:
-                    seq.output_top.append(top_k(logprobs[b], seq.top_logprobs_num))
+                    k = seq.top_logprobs_num
+                    seq.output_top.append((top_values[b][:k], top_ids[b][:k]))
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self._finish(seq, reason)
@@ -208,33 +261,38 @@ class Engine:
                     seq.notify(seq, len(seq.output_ids))
         self._retain(keep)
         if self._running:
-            step_tokens = tokens[torch.tensor(keep)][:, None]
-            self._next_logits = self.runner.forward(self._cache, step_tokens, torch.ones(len(keep), dtype=torch.int64))
+            step_tokens = tokens[torch.tensor(keep)][:, None] if len(keep) < len(tokens) else tokens[:, None]
+            self._next_logits = self.runner.forward(self._cache, self._running_slots, step_tokens,
+                                                    torch.ones(len(keep), dtype=torch.int64))
 
     def _retain(self, keep: list[int]) -> None:
-        """Keep running rows ``keep`` (indices into the current batch) and drop the rest from the cache."""
+        """Keep running rows ``keep`` (indices into the current batch); the others' slots become free (no copy)."""
         if len(keep) == len(self._running):
             return
-        self._running = [self._running[b] for b in keep]
-        if not keep:
-            self._cache = self._next_logits = None
-            return
-        rows = torch.tensor(keep)
-        self._cache = self._cache.select(rows)
-        self._next_logits = self._next_logits[rows]
+        for b in set(range(len(self._running))) - set(keep):
+            self._slots[self._running[b].slot] = None
+        self._set_running([self._running[b] for b in keep],
+                          self._next_logits[torch.tensor(keep)] if keep else None)
 
     def _finish_reason(self, seq: Sequence, token: int) -> dict[str, Any] | None:
         p = seq.params
-        if token in (p.stop_token_ids or []) or (not p.ignore_eos and token in self._stop_ids):
+        if token in seq.stop_ids:
             return {"type": "stop", "matched": token}
         if p.stop:
-            text = self.tokenizer.decode(seq.output_ids[-64:], skip_special_tokens=p.skip_special_tokens)
+            tail = seq.output_ids[-self._stop_tail(p.stop):]
+            text = self.tokenizer.decode(tail, skip_special_tokens=p.skip_special_tokens)
             for s in p.stop:
                 if s in text:
                     return {"type": "stop", "matched": s}
         if len(seq.output_ids) >= p.max_new_tokens:
             return {"type": "length", "length": p.max_new_tokens}
         return None
+
+    @staticmethod
+    def _stop_tail(stops: list[str]) -> int:
+        """Output tokens to decode for a stop-string check: a new match ends in the last token and spans at most
+        one token per UTF-8 byte (plus skipped special tokens: a margin)."""
+        return max(len(s.encode()) for s in stops) + 8
 
     def _finish(self, seq: Sequence, reason: dict[str, Any]) -> None:
         seq.finish, seq.weight_version = reason, self.weight_version
@@ -255,17 +313,22 @@ class Engine:
         self._retain(keep)
 
 
-def input_logprobs(logits: torch.Tensor, tokens: torch.Tensor, start: int, k: int):
-    """SGLang's input log-probs for positions start..L-1 of a prompt: entry i is log_softmax(logits[p - 1])[tokens[p]]
-    at p = start + i (temperature 1), entry 0 is None; likewise the top-k rows. logits [L, V], tokens [L]."""
-    length = tokens.shape[0]
-    logprobs = torch.log_softmax(logits[start : length - 1].float(), dim=-1)  # predicts positions start+1..L-1
-    values = logprobs.gather(1, tokens[start + 1 :, None])[:, 0].tolist()
-    tops = [top_k(row, k) for row in logprobs] if k > 0 else []
-    return [None] + values, ([None] + tops if k > 0 else [])
+def input_logprobs(logits: torch.Tensor, targets: torch.Tensor, counts: list[int], ks: list[int]):
+    """SGLang's input log-probs of several prompts from one batch of scored positions.
 
-
-def top_k(logprobs: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
-    """The k largest entries of a [V] log-prob row, descending: (log-probs, token ids)."""
-    values, ids = torch.topk(logprobs, min(k, logprobs.shape[0]))
-    return values.tolist(), ids.tolist()
+    Group g owns ``counts[g]`` consecutive rows of ``logits`` [N, V] (the positions start..L-2 of its prompt, each
+    predicting the next prompt token ``targets`` [N]). Returns per group (values, tops): values[0] = None, then
+    log_softmax(logits[p])[targets[p]] (temperature 1); tops = [None] + the ``ks[g]`` largest (log-probs, ids) of
+    each row when ks[g] > 0, else []."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    k = min(max(ks), logprobs.shape[1])
+    top_values, top_ids = torch.topk(logprobs, k) if k > 0 else (logprobs[:, :0], logprobs[:, :0])
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    out, begin = [], 0
+    for count, k in zip(counts, ks):
+        rows = range(begin, begin + count)
+        tops = [None] + [(top_values[r][:k], top_ids[r][:k]) for r in rows] if k > 0 else []
+        out.append(([None] + values[begin : begin + count], tops))
+        begin += count
+    return out

@@ -23,7 +23,7 @@ import math
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..eval.passk import mean_pass_at_k
-from ..rollout.client import SGLangClient
+from ..rollout.client import SGLangClient, gather_all
 from ..rollout.protocol import SamplingParams
 from ..rollout.rollout import RolloutConfig, generate_rollout
 from ..rollout.types import TrajectoryBatch
@@ -61,15 +61,17 @@ async def evaluate_policy(client: SGLangClient, prompts: Sequence[Prompt], token
     behind ``client`` on ``prompts``: ``{"n", "greedy", "greedy_ci", "pass1", "pass1_ci", "pass<samples>",
     "by_difficulty": {d: {...}}}``."""
     ids = [p.token_ids for p in prompts]
-    greedy = await generate_rollout(client, ids, RolloutConfig(
-        n_samples=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), seed=seed))
+    rollouts = [generate_rollout(client, ids, RolloutConfig(  # greedy and sampled requests all in flight at once
+        n_samples=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens), seed=seed))]
+    if samples:
+        rollouts.append(generate_rollout(client, ids, RolloutConfig(
+            n_samples=samples, sampling=SamplingParams(temperature=temperature, top_p=top_p,
+                                                       max_new_tokens=max_new_tokens), seed=seed)))
+    greedy, *sampled = await gather_all(rollouts)
     greedy_ok = _responses_correct(greedy, prompts, tokenizer, checker)
     per_problem = None
     if samples:
-        sampled = await generate_rollout(client, ids, RolloutConfig(
-            n_samples=samples, sampling=SamplingParams(temperature=temperature, top_p=top_p,
-                                                       max_new_tokens=max_new_tokens), seed=seed))
-        ok = _responses_correct(sampled, prompts, tokenizer, checker)
+        ok = _responses_correct(sampled[0], prompts, tokenizer, checker)
         per_problem = [sum(ok[i * samples:(i + 1) * samples]) for i in range(len(prompts))]
 
     def summary(rows: List[int]) -> dict:

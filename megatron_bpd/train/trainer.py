@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from .. import parallel
-from ..rollout.client import SGLangClient
+from ..rollout.client import SGLangClient, gather_all
 from ..rollout.producer import load_rollouts
 from ..rollout.protocol import SamplingParams
 from ..rollout.rollout import RolloutConfig, generate_rollout
@@ -426,17 +426,21 @@ class Trainer:
         c, r = self.config, self.config.rollout
         run = lambda target: evaluate_policy(target, self.eval_prompts, self.tokenizer, self.checker,  # noqa: E731
                                              r.max_new_tokens, c.eval.samples, r.temperature, r.top_p, c.eval.seed)
-        result = {"student": await run(client)}
-        if with_teacher and teacher_client is not None:
-            result["teacher"] = await run(teacher_client)
-        probe = None
-        if c.eval.probe_prompts and teacher_client is not None:
+
+        async def probe():
             prompts = [p.token_ids for p in self.eval_prompts[:c.eval.probe_prompts]]
-            config = RolloutConfig(n_samples=c.eval.probe_samples, seed=c.eval.seed + 7919, mask_token_ids=self.mask_ids,
-                                   sampling=self._sampling())
+            config = RolloutConfig(n_samples=c.eval.probe_samples, seed=c.eval.seed + 7919,
+                                   mask_token_ids=self.mask_ids, sampling=self._sampling())
             trajectories = await generate_rollout(client, prompts, config)
-            probe = (trajectories, await SGLangTeacher(teacher_client, c.teacher.top_k).score(trajectories))
-        return result, probe
+            return trajectories, await SGLangTeacher(teacher_client, c.teacher.top_k).score(trajectories)
+
+        async def nothing():
+            return None
+        # the student's and the teacher's evaluations and the probe run side by side: all their requests in flight
+        student, teacher, probed = await gather_all([
+            run(client), run(teacher_client) if with_teacher and teacher_client is not None else nothing(),
+            probe() if c.eval.probe_prompts and teacher_client is not None else nothing()])
+        return {"student": student} | ({"teacher": teacher} if teacher is not None else {}), probed
 
     def _probe_support_kl(self, trajectories, scores) -> float:
         """Token-weighted mean reverse KL (student || teacher) on the teacher's top-K support over the probe."""
