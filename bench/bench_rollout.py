@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_bpd.rollout import (ClientConfig, RolloutConfig, SamplingParams, SGLangClient,  # noqa: E402
                                   generate_rollout)
-from megatron_bpd.serve.launch import EmbeddedServer  # noqa: E402
+from megatron_bpd.rollout.embedded import EmbeddedServer  # noqa: E402
 
 
 def make_model(path: Path, hidden: int, layers: int, vocab: int) -> Path:

@@ -70,6 +70,19 @@ def check_overlap(out: str, tmp: Path) -> None:
     assert result["k"] == 1 and result["steps_per_s"] > 0 and result["time_generate"] > 0
 
 
+def check_drift_controls(out: str, tmp: Path) -> None:
+    rows = {r[0]: r for r in table_rows(out, "none") + [r for c in ("token_drop", "icepop", "tis", "seq_mask", "m2po")
+                                                        for r in table_rows(out, c)]}
+    assert set(rows) == {"none", "token_drop", "icepop", "tis", "seq_mask", "m2po"}
+    assert rows["none"][3] == "1.000x" and all(float(r[1]) > 0 for r in rows.values())
+
+
+def check_train_step(out: str, tmp: Path) -> None:
+    rows = {r[0]: r for name in ("hf", "megatron", "plugin", "plugin+gate") for r in table_rows(out, name)}
+    assert set(rows) == {"hf", "megatron", "plugin", "plugin+gate"} and rows["hf"][3] == "1.00x"
+    assert all(float(r[1]) > 0 for r in rows.values())
+
+
 SCRIPTS = {
     "bench_engine": (["--smoke", "--json", "{tmp}/engine.json"], check_engine),
     "bench_rollout": (["--smoke"], check_rollout),
@@ -82,6 +95,8 @@ SCRIPTS = {
                           "--project", "16"], check_fused_head),
     "bench_convert": (["--work", "{tmp}/work", "--smoke"], check_convert),
     "bench_overlap": (["--smoke"], check_overlap),
+    "bench_drift_controls": (["--smoke"], check_drift_controls),
+    "bench_train_step": (["--smoke"], check_train_step),
 }
 
 
