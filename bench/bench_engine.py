@@ -15,8 +15,8 @@ shared one), best of ``--repeats``. ``--baseline PKG`` also
 times another engine with the same API (``PKG.engine``, ``PKG.sampling``; e.g. a copy of an older
 ``megatron_bpd/serve`` renamed to PKG and put on PYTHONPATH), side by side in the same run.
 
-    OMP_NUM_THREADS=1 python bench/bench_engine.py --json /tmp/engine.json
-    OMP_NUM_THREADS=1 PYTHONPATH=/tmp/old_engine python bench/bench_engine.py --baseline old_serve
+    OMP_NUM_THREADS=1 python bench/bench_engine.py --json runs/engine.json
+    OMP_NUM_THREADS=1 PYTHONPATH=runs/old_engine python bench/bench_engine.py --baseline old_serve
 """
 
 from __future__ import annotations
