@@ -179,7 +179,7 @@ def test_running_sum_solution_and_checker():
 
     p = make_sum_problem((37, 82, 15))
     assert p.prompt_text == "Sum step by step: 1:37 2:82 3:15"
-    assert p.solution_text.split("\n") == ["1: 37", "2: 37+82=119", "3: 119+15=134", "answer: 134", "\\boxed{134}"]
+    assert p.solution_text.split("\n") == ["1: 73", "2: 73+28=911", "3: 911+51=431", "answer: 134", "\\boxed{134}"]
     assert p.answer == "134" and p.difficulty == 3 and check(p.solution_text, 134)
     assert not check(p.solution_text.replace("answer: 134", "answer: 135"), 134)
     assert parse_sum_prompt(p.prompt_text) == p

@@ -1,15 +1,19 @@
 """Running sum over a numbered list: the long-horizon task, with the number of items as its horizon knob.
 
 A problem sums ``items`` two-digit numbers. The prompt numbers them; the solution keeps a running total, one line
-per item, each line restating the total so far, the next item (looked up by its number) and their sum, then states
-the answer::
+per item, each line restating the total so far, the next item (looked up by its number) and their sum, with every
+number of the lines written least significant digit first; then it states the answer, written as usual::
 
     prompt:   "Sum step by step: 1:37 2:82 3:15"
-    solution: "1: 37
-               2: 37+82=119
-               3: 119+15=134
+    solution: "1: 73
+               2: 73+28=911
+               3: 911+51=431
                answer: 134
                \\boxed{134}"
+
+(37 + 82 = 119 reads 73 + 28 = 911; 119 + 15 = 134 reads 911 + 51 = 431.) Digits least significant first make each
+written digit depend on the digits before it (the carry flows the way the line is written): with the usual order
+a first teacher made ~2% of its lines wrong in a tens digit, the carry it had to foresee (docs/results/long_horizon.md).
 
 The response has ``items + 2`` lines of about 15 tokens each with a digit-per-token tokenizer (24 items: ~370
 tokens, 26 lines), and every line depends on the total of the line before it, so an error anywhere carries to
@@ -55,11 +59,18 @@ class SumProblem:
         return 16 * len(self.items) + 32
 
 
+def reversed_digits(n: int) -> str:
+    """``n`` written least significant digit first (119 -> "911")."""
+    return str(n)[::-1]
+
+
 def solution_lines(items: Tuple[int, ...]) -> List[str]:
-    """The worked running sum of ``items``: ``k: total+item=new`` per item (the first line restates item 1)."""
-    total, lines = items[0], [f"1: {items[0]}"]
+    """The worked running sum of ``items``: ``k: total+item=new`` per item, digits least significant first (the
+    first line restates item 1), then the answer in the usual order."""
+    r = reversed_digits
+    total, lines = items[0], [f"1: {r(items[0])}"]
     for k, item in enumerate(items[1:], start=2):
-        lines.append(f"{k}: {total}+{item}={total + item}")
+        lines.append(f"{k}: {r(total)}+{r(item)}={r(total + item)}")
         total += item
     return lines + [f"answer: {total}", f"\\boxed{{{total}}}"]
 
