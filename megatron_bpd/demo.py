@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .experiment import TaskRun, launch, task_prompts
 from .tasks.registry import TASKS
+from .train.config import EvalSettings
 
 
 def _print_step(record: dict) -> None:
@@ -144,6 +145,12 @@ Greedy: exact match of the greedy response (Wilson interval). pass@1: mean over 
 | step | greedy | pass@1 | student-teacher KL on the top-K (probe) |
 |---|---|---|---|
 {curve}
+
+The probe is the student's reverse KL to the teacher on the teacher's top-K, per token, over
+{EvalSettings.probe_prompts} x {EvalSettings.probe_samples} responses the
+*current* student samples at each evaluation: an on-policy measure of a few thousand tokens, most of them format
+tokens both models agree on, whose sampled states change as the student does. It is noisy from one evaluation to the
+next and does not follow the held-out accuracy step by step; the held-out accuracy is the measure of learning here.
 
 ![held-out evaluation](eval_curve.png)
 
