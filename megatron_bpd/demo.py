@@ -75,7 +75,8 @@ def main(argv=None):
     gate = {"granularity": "block", "block_size": args.block_size} if args.block_size else {"granularity": "none"}
     run = TaskRun(str(out), models["student"], models["teacher"],
                   *task_prompts(out, args.eval_problems, args.seed, args.task), task=args.task,
-                  max_new_tokens=max(defaults.max_new_tokens, task.max_new_tokens()), loss=args.loss, gate=gate, steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp,
+                  max_new_tokens=max(defaults.max_new_tokens, task.max_new_tokens()), loss=args.loss, gate=gate,
+                  steps=args.steps, seed=args.seed, lr=args.lr, tp=args.tp,
                   eval_every=args.eval_every, eval_limit=args.eval_problems, eval_samples=args.eval_samples)
     print(f"[demo] {run.loss} OPD of {models['student']} from {models['teacher']}, {run.steps} steps at TP={run.tp} "
           f"(log: {out / 'train.log'})", flush=True)
