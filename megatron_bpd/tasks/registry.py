@@ -33,6 +33,7 @@ class Task:
     difficulties: Tuple[int, int]
     models: Path
     difficulty_name: str  # what the horizon knob counts
+    version: int = 1  # of the problem format: a cached model of an older format is not reused (``tasks.sft``)
 
     def max_new_tokens(self, difficulties: Difficulties = None) -> int:
         """A generation budget for a correct solution of every problem up to the largest of ``difficulties``."""
@@ -47,7 +48,8 @@ TASKS: Dict[str, Task] = {
     "addition": Task("addition", arithmetic.make_problem, arithmetic.parse_prompt,
                      lambda seed: arithmetic.task_corpus(seed, n=600, digits=(1, 8)), (2, 4), TASK_MODELS, "digits"),
     "running_sum": Task("running_sum", running_sum.draw_sum_problem, running_sum.parse_sum_prompt,
-                        running_sum.sum_corpus, (2, 24), TASK_MODELS / "running_sum", "items"),
+                        running_sum.sum_corpus, (2, 24), TASK_MODELS / "running_sum", "items",
+                        version=2),  # 2: lines least significant digit first
 }
 
 
