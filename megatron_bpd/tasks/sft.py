@@ -269,8 +269,8 @@ def _build(spec: ModelSpec, task: str, init_dir: Path, out: Path, train: Sequenc
 
 
 def _model_key(cfg: PrepConfig, role: str, spec: ModelSpec) -> str:
-    task = {} if cfg.task == "addition" else {"task": cfg.task, "format": get_task(cfg.task).version}  # (the
-    # addition pair's keys predate tasks)
+    # the addition pair's keys predate tasks and their formats
+    task = {} if cfg.task == "addition" else {"task": cfg.task, "format": get_task(cfg.task).version}
     blob = json.dumps({"version": CACHE_VERSION, "role": role, "seed": cfg.seed, "digits": list(cfg.difficulties),
                        **task, "n_train": cfg.n_train, "n_test": cfg.n_test, "spec": asdict(spec)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
