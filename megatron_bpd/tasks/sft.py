@@ -233,7 +233,7 @@ def recipe(task: str = "addition", seed: int = 0) -> PrepConfig:
         return PrepConfig(seed=seed)
     if task == "running_sum":
         return PrepConfig(seed=seed, task=task, difficulties=(2, 24), n_train=20000, n_test=200,
-                          teacher=ModelSpec(steps=3000, noise=0.1), student=ModelSpec(steps=600))
+                          teacher=ModelSpec(steps=2500, noise=0.1), student=ModelSpec(steps=1400))
     raise ValueError(f"no recipe for task {task!r}")
 
 
