@@ -90,23 +90,25 @@ class TaskRun:
         return dataclasses.replace(self, **changes)
 
 
-def task_prompts(data_dir, eval_problems: int, seed: int = 0, task: str = "addition", eval_split: str = "dev",
+def task_prompts(data_dir, eval_problems: int, seed: int = 0, task: str = "addition", eval_split: Optional[str] = None,
                  horizon=None):
     """A task's prompt files under ``data_dir``: (training prompts, held-out prompts: the first ``eval_problems``).
-    The addition task keeps the split its shipped pair was made with (``tasks.sft.PrepConfig(seed)``: the first 2000
-    training problems, the test problems); the other tasks use their study splits (``tasks.registry.study_splits``
-    at ``horizon``: ``train`` and ``eval_split``, "dev" for every choice, "test" for the report)."""
+    ``eval_split`` "dev" (every choice) or "test" (the report) evaluates on that split of
+    ``tasks.registry.study_splits`` at ``horizon`` and trains on its ``train`` split. None (the default) is "dev",
+    except for the addition task, whose default keeps the split its shipped pair was made with
+    (``tasks.sft.PrepConfig(seed)``: the first 2000 training problems, the test problems; the demo and the earlier
+    studies)."""
     from .tasks.common import write_prompts_jsonl
     from .tasks.registry import get_task, study_splits
 
-    if task == "addition":
+    if task == "addition" and eval_split is None:
         from .tasks.sft import PrepConfig, datasets
 
         train, held_out = datasets(PrepConfig(seed=seed))
         train = train[:2000]
     else:
         split = study_splits(get_task(task), seed, horizon=horizon)
-        train, held_out = split["train"], split[eval_split]
+        train, held_out = split["train"], split[eval_split or "dev"]
     data_dir = Path(data_dir)
     return (str(write_prompts_jsonl(data_dir / "prompts.jsonl", train)),
             str(write_prompts_jsonl(data_dir / "held_out.jsonl", held_out[:eval_problems])))
