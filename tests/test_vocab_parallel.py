@@ -1,5 +1,6 @@
-"""The LM head's ops on vocab-parallel logits (``LMHead.of_logits``) at TP 1/2/4 over gloo against a single-process float64 full-vocabulary reference on the CPU,
-and (``-m gpu``) the same cases on CUDA tensors over NCCL at TP 1 (TP 2 with two GPUs).
+"""The LM head's ops on vocab-parallel logits (``LMHead.of_logits``) at TP 1/2/4 over gloo against a single-process
+float64 full-vocabulary reference on the CPU, and (``-m gpu``) the same cases on CUDA tensors over NCCL at TP 1 (TP 2
+with two GPUs).
 
 One spawn per layout runs every case (``_run_cases``) and reports errors; the tests below assert on them.
 """
@@ -100,7 +101,8 @@ def _case_errors(case, rank, tp, group, device):
         ref_value, ref_grad = ref(full.double()), _grad_of(ref, full, weight)[..., cols]
         out[name] = dict(value=_err(value, ref_value), grad=_err(shard.grad, ref_grad),
                          dtype=value.dtype, value_tol=_value_tol(ref_value), grad_tol=grad_tol,
-                         pad_grad_zero=bool((shard.grad.reshape(-1, local)[:, max(vocab - rank * local, 0):] == 0).all()))
+                         pad_grad_zero=bool((shard.grad.reshape(-1, local)[:, max(vocab - rank * local, 0):] == 0)
+                                            .all()))
     top_k = k or 3
     values, top_ids = _head(_shard_of(full, rank, tp, device), group, vocab_size, chunk).topk(top_k, temperature)
     values, top_ids = values.cpu(), top_ids.cpu()
@@ -108,7 +110,8 @@ def _case_errors(case, rank, tp, group, device):
     ref_values = ref_lsm.topk(top_k, -1).values
     # ids: distinct, real, and their reference log-probs are the top-k values (bf16 logits have ties)
     distinct = (top_ids.sort(-1).values.diff(dim=-1) != 0).all() if top_k > 1 else True
-    ids_valid = bool(distinct) and bool((top_ids < vocab).all()) and _err(ref_lsm.gather(-1, top_ids), ref_values) <= 1e-6
+    ids_valid = (bool(distinct) and bool((top_ids < vocab).all())
+                 and _err(ref_lsm.gather(-1, top_ids), ref_values) <= 1e-6)
     out["topk"] = dict(value=_err(values, ref_values), ids_valid=ids_valid,
                        value_tol=_value_tol(ref_values), sorted=bool((values[..., :-1] >= values[..., 1:]).all()),
                        requires_grad=values.requires_grad)
@@ -150,7 +153,8 @@ def _lsm_errors(rank, tp, group, device):
     ref_loss, ref_metrics = topk_lsm_loss(ref_full.gather(-1, support), teacher.double(), mask, gates=gates)
     ref_loss.backward()
     local = full.shape[-1] // tp
-    return dict(value=abs(loss.item() - ref_loss.item()), grad=_err(shard.grad, ref_full.grad[:, rank * local:][:, :local]),
+    return dict(value=abs(loss.item() - ref_loss.item()),
+                grad=_err(shard.grad, ref_full.grad[:, rank * local:][:, :local]),
                 kl=abs(metrics["support_kl"].item() - ref_metrics["support_kl"].item()))
 
 

@@ -28,6 +28,22 @@ class ScoringPass:
     score: Callable[[LMHead, MicroBatch], Dict[str, torch.Tensor]]
 
 
+def logprobs_pass(loss: LossConfig, temperature: float) -> ScoringPass:
+    """The labels' log-probs at ``temperature`` ("lp" ``[b, s]``): the student's old log-probs, recomputed."""
+    return ScoringPass(loss, lambda head, batch: {"lp": head.logprobs(batch.labels, temperature)})
+
+
+def teacher_pass(loss: LossConfig, k: int) -> ScoringPass:
+    """An in-trainer teacher's scores at temperature 1: the labels' log-probs ("lp" ``[b, s]``) and its top-``k``
+    log-probs ("top") and ids ("ids"), ``[b, s, k]``."""
+
+    def score(head: LMHead, batch: MicroBatch) -> Dict[str, torch.Tensor]:
+        values, ids = head.topk(k)
+        return {"lp": head.logprobs(batch.labels), "ids": ids, "top": values}
+
+    return ScoringPass(loss, score)
+
+
 @torch.no_grad()
 def forward_only(model, batches: List[MicroBatch], scoring: ScoringPass, seq_len: int) -> List[Dict[str, torch.Tensor]]:
     """Run ``model`` on CP-split ``batches``; on the last stage return ``scoring.score(head, batch)`` of each

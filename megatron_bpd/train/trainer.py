@@ -39,7 +39,7 @@ from .layout import check_layout
 from .metrics import MetricSums, MetricsLog
 from .rollout_data import RolloutData, micro_batch, newline_token_ids, padded_length, response_slices
 from .rollout_feed import RolloutFeed, servers_from_config
-from .scoring import ScoringPass, forward_only, gather_cp
+from .scoring import ScoringPass, forward_only, gather_cp, logprobs_pass, teacher_pass
 from .setup import lr_scheduler, wrap_for_training, zero_grads
 
 UPDATE_METRICS = ["loss", "pg_clipfrac", "dual_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min",
@@ -276,9 +276,7 @@ class Trainer:
         if self.config.reuse.old_logprobs == "rollout":
             data.old_logprobs = behavior
             return
-        temperature = self.config.rollout.temperature
-        fn = ScoringPass(self.loss_config, lambda head, batch: {"lp": head.logprobs(batch.labels, temperature)})
-        scores = self._score(self.ddp, data, fn)
+        scores = self._score(self.ddp, data, logprobs_pass(self.loss_config, self.config.rollout.temperature))
         data.old_logprobs = {b: s["lp"] for b, s in scores.items()}
         on_policy = self.config.rollout.policy == "student"  # else the behavior log-probs are the teacher's
         if on_policy and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
@@ -294,13 +292,7 @@ class Trainer:
 
     def _megatron_teacher_scores(self, data: RolloutData) -> Optional[TeacherScores]:
         """The in-trainer teacher's log-probs of the sampled tokens and its top-K (on the last stage)."""
-        k = self.config.teacher.top_k
-
-        def fn(head, batch):
-            values, ids = head.topk(k)
-            return {"lp": head.logprobs(batch.labels), "ids": ids, "top": values}
-
-        scores = self._score(self.teacher_model, data, ScoringPass(self.loss_config, fn))
+        scores = self._score(self.teacher_model, data, teacher_pass(self.loss_config, self.config.teacher.top_k))
         if not ps.is_pipeline_last_stage():
             return None
         n = len(data.trajectories)
@@ -450,7 +442,7 @@ class Trainer:
             return {"kl": metrics["support_kl"], "n": batch.loss_mask.sum()}
 
         sums = MetricSums()
-        outputs = forward_only(self.ddp, batches, ScoringPass(self.loss_config, fn), seq_len)  # every rank: TP/PP collectives inside
+        outputs = forward_only(self.ddp, batches, ScoringPass(self.loss_config, fn), seq_len)  # TP/PP collectives
         if ps.get_tensor_model_parallel_rank() == 0:  # each (DP, CP) share of the positions counted once
             for out in outputs:
                 sums.add("probe_support_kl", out["kl"].item(), out["n"].item())

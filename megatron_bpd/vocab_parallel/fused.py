@@ -113,10 +113,10 @@ class TokenLossInForward(torch.autograd.Function):
     and scaled in the backward (``extra``: None for none, K = 0; they carry no gradient).
 
     Per chunk of positions (every TP rank runs the same chunks): the raw logits ``[c, V/tp]`` once; the local max,
-    log-sum-exp, label logit and logits at the extra ids, all-gathered over TP ``[tp, c, 3 + K]`` into lp; g = d token_loss / d lp by autograd
-    on ``[c]``; dlogits = g (onehot(label) - p) / T from the same logits; dhidden += dlogits @ W and
-    dW += dlogits^T @ hidden. The loss's value and its gradient both come from the chunk alone, so ``token_loss``
-    may use only the positions of ``part``."""
+    log-sum-exp, label logit and logits at the extra ids, all-gathered over TP ``[tp, c, 3 + K]`` into lp;
+    g = d token_loss / d lp by autograd on ``[c]``; dlogits = g (onehot(label) - p) / T from the same logits;
+    dhidden += dlogits @ W and dW += dlogits^T @ hidden. The loss's value and its gradient both come from the chunk
+    alone, so ``token_loss`` may use only the positions of ``part``."""
 
     @staticmethod
     def forward(ctx, token_loss, parts, shard, temperature, need_grad, labels, extra, hidden, weight):
