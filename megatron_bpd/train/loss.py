@@ -68,8 +68,8 @@ def opd_loss(head: LMHead, batch: MicroBatch, config: LossConfig, num_tokens: to
         loss, cur, at_support, gates, gate_stats, weights, metrics = _loss_in_forward(
             head, batch, mask, config, num_tokens, weights, logged, normalizer)
     else:
-        cur, at_support = head.logprobs(batch.labels, config.temperature, logits_at=logged) if logged is not None \
-            else (head.logprobs(batch.labels, config.temperature), None)
+        cur = head.logprobs(batch.labels, config.temperature, logits_at=logged)  # with the support's logits: a pair
+        cur, at_support = cur if logged is not None else (cur, None)
         if control.ratio == "current/behavior":
             weights = drift_weights(control, cur, batch.old_logprobs, batch.behavior_logprobs, batch.loss_mask)
         gates, gate_stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids,
