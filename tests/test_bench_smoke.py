@@ -86,7 +86,7 @@ def check_train_step(out: str, tmp: Path) -> None:
 def check_step_memory(out: str, tmp: Path) -> None:
     rows = table_rows(out, "fused") + table_rows(out, "unfused")
     assert [r[:2] for r in rows] == [["fused", "64"], ["unfused", "64"]]
-    assert all(numeric(r[2:]) and float(r[6]) > 0 for r in rows)
+    assert all(numeric(r[2:]) and float(r[5]) > 0 for r in rows)  # the step adds to the resident set
 
 
 SCRIPTS = {
