@@ -3,19 +3,19 @@
 Two heads (``--heads``), each fused and unfused; float32 hidden ``[n, h]`` and weight shard ``[V/tp, h]``, forward +
 backward with the gradients of both; TP ranks are gloo processes.
 
-- ``logprobs``: fused ``fused_linear_logprobs(hidden, weight, labels)`` (the logits recomputed per chunk in the
-  backward, never held); unfused ``hidden @ weight^T`` (the column-parallel output layer:
+- ``logprobs``: fused ``LMHead.of_hidden(hidden, weight).logprobs(labels)`` (the logits recomputed per chunk in
+  the backward, never held); unfused ``hidden @ weight^T`` (the column-parallel output layer:
   ``copy_to_tensor_model_parallel_region`` then the matmul) + megatron-core's
   ``tensor_parallel.vocab_parallel_cross_entropy``. Backward of the summed log-prob. The trainer's head for the
   sampled-token loss where its gradient cannot be taken in the forward (context parallelism, per-sequence gates).
 - ``sampled_token`` (the trainer's sampled-token head): the PPO loss of the sampled tokens
-  (``losses.sampled_token_position_losses``, fixed old and teacher log-probs) summed and back-propagated. Fused:
-  ``fused_linear_token_loss`` (the gradient taken in the forward, 3 GEMMs); unfused: the output layer + megatron's
-  cross entropy + the same loss.
+  (``losses.ppo_losses``, fixed old and teacher log-probs) summed and back-propagated. Fused: ``LMHead.token_loss``
+  (the gradient taken in the forward, 3 GEMMs); unfused: the output layer + megatron's cross entropy + the same
+  loss.
 - ``lsm`` (the trainer's Teacher-TopK/LSM head): the log-probs of the sampled tokens for the gate (no gradient flows
-  through them) and the LSM loss on a K = 32 support, back-propagated. Fused: ``fused_linear_logprobs`` +
-  ``fused_linear_lsm_loss`` (the gradient flows through the K gathered logits only); unfused: the output layer +
-  ``logprobs_at`` + ``topk_lsm_loss_parallel`` on the logits.
+  through them) and the LSM loss on a K = 32 support, back-propagated: ``LMHead.logprobs`` + ``LMHead.lsm_loss``,
+  fused over the hidden states (the gradient flows through the K gathered logits only) or, unfused, over the output
+  layer's logits.
 
 Memory: each (path, tokens, TP) runs in fresh processes; a rank's peak extra memory is its peak resident set
 (``ru_maxrss``) minus its resident set just before the head runs (inputs allocated, libraries loaded): every byte
@@ -50,33 +50,31 @@ SUPPORT = 32  # the LSM head's teacher top-K
 def _head(head, path, hidden, weight, labels, support, group, chunk):
     from megatron.core import tensor_parallel
 
-    from megatron_bpd import vocab_parallel as vp
-    from megatron_bpd.losses import sampled_token_position_losses
+    from megatron_bpd.losses import ppo_losses, ppo_terms
+    from megatron_bpd.vocab_parallel import LMHead
 
     mask = torch.ones_like(labels, dtype=torch.bool)
     teacher = torch.log_softmax(torch.linspace(0, -8, SUPPORT), 0).expand(*labels.shape, SUPPORT)
     old = torch.full(labels.shape, -12.0)  # the behavior log-probs: the PPO ratio stays inside its clip
-    ppo = lambda lp, part=slice(None): sampled_token_position_losses(lp, old[part], old[part] + 1.0,  # noqa: E731
-                                                                     mask[part]).sum()
-    if path == "fused" and head == "sampled_token":
-        vp.fused_linear_token_loss(hidden, weight, labels, lambda part, lp: ppo(lp, part), group,
-                                   chunk_tokens=chunk or None)[0].backward()
-        return
+    ppo = lambda lp, part=slice(None): ppo_losses(ppo_terms(lp, old[part], old[part] + 1.0,  # noqa: E731
+                                                            mask[part])).sum()
     if path == "fused":
-        lp = vp.fused_linear_logprobs(hidden, weight, labels, group, chunk_tokens=chunk or None)
-        if head == "logprobs":
-            lp.sum().backward()
-        else:
-            vp.fused_linear_lsm_loss(hidden, weight, support, teacher, mask, group, gates=lp.detach())[0].backward()
-        return
-    logits = tensor_parallel.copy_to_tensor_model_parallel_region(hidden) @ weight.t()
-    if head == "logprobs":
-        (-tensor_parallel.vocab_parallel_cross_entropy(logits, labels)).sum().backward()
-    elif head == "sampled_token":
-        ppo(-tensor_parallel.vocab_parallel_cross_entropy(logits, labels)).backward()
+        lm_head = LMHead.of_hidden(hidden, weight, group, chunk_tokens=chunk or None)
+        if head == "sampled_token":
+            lm_head.token_loss(labels, lambda part, lp: ppo(lp, part))[0].backward()
+            return
     else:
-        lp = vp.logprobs_at(logits, labels, group)
-        vp.topk_lsm_loss_parallel(logits, support, teacher, mask, group, gates=lp.detach())[0].backward()
+        logits = tensor_parallel.copy_to_tensor_model_parallel_region(hidden) @ weight.t()
+        if head != "lsm":
+            cross_entropy = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+            (-cross_entropy.sum() if head == "logprobs" else ppo(-cross_entropy)).backward()
+            return
+        lm_head = LMHead.of_logits(logits, group)
+    lp = lm_head.logprobs(labels)
+    if head == "logprobs":
+        lp.sum().backward()
+    else:
+        lm_head.lsm_loss(support, teacher, mask, gates=lp.detach())[0].backward()
 
 
 def _rank(rank, tp, port, head, path, tokens, hidden_size, vocab, chunk, repeats, queue):

@@ -6,9 +6,11 @@
 TP ranks are gloo processes on this machine (one core each at TP 2 on a 2-core box). The default configs keep the
 naive path within ~10 GiB of RAM (V=151936 at TP 2 with 2048 tokens). Per (V, tokens, TP) it runs,
 on float32 logits [n, V/tp] (fp32: what GPTModel's output layer gives here):
-  logprobs_at (one id)  fwd+bwd: ours | megatron vocab_parallel_cross_entropy | naive (all-gather V, log_softmax)
-  topk (K=32)           fwd:     ours | naive (all-gather V, log_softmax, topk)
-  LSM loss (K=32)       fwd+bwd: ours (gather_at + losses.topk_lsm_loss) | naive (all-gather V, gather, same loss)
+  logprobs_at (one id)  fwd+bwd: ours (LMHead.of_logits(x).logprobs) | megatron vocab_parallel_cross_entropy |
+                                 naive (all-gather V, log_softmax)
+  topk (K=32)           fwd:     ours (LMHead.topk) | naive (all-gather V, log_softmax, topk)
+  LSM loss (K=32)       fwd+bwd: ours (LMHead.lsm_loss: logits_at + losses.topk_lsm_loss) | naive (all-gather V,
+                                 gather, same loss)
 
 With --device cuda each TP rank is a process on its own GPU (NCCL), and memory is the CUDA caching allocator's peak
 allocation during the op minus its allocation before it (torch.cuda.max_memory_allocated); otherwise:
@@ -113,9 +115,9 @@ def _full(x):
 
 
 def ours_logprobs(x, ids, w, group):
-    from megatron_bpd import vocab_parallel as vp
+    from megatron_bpd.vocab_parallel import LMHead
 
-    (vp.logprobs_at(x, ids, group) * w).sum().backward()
+    (LMHead.of_logits(x, group).logprobs(ids) * w).sum().backward()
 
 
 def megatron_ce(x, ids, w, group):
@@ -130,9 +132,9 @@ def naive_logprobs(x, ids, w, group):
 
 
 def ours_topk(x, group):
-    from megatron_bpd import vocab_parallel as vp
+    from megatron_bpd.vocab_parallel import LMHead
 
-    vp.topk(x, K, group)
+    LMHead.of_logits(x, group).topk(K)
 
 
 @torch.no_grad()
@@ -141,9 +143,9 @@ def naive_topk(x, group):
 
 
 def ours_lsm(x, support, teacher, mask, group):
-    from megatron_bpd import vocab_parallel as vp
+    from megatron_bpd.vocab_parallel import LMHead
 
-    vp.topk_lsm_loss_parallel(x, support, teacher, mask, group)[0].backward()
+    LMHead.of_logits(x, group).lsm_loss(support, teacher, mask)[0].backward()
 
 
 def naive_lsm(x, support, teacher, mask, group):

@@ -272,18 +272,40 @@ def _runs(segment_ids: torch.Tensor):
     return bounds[keep], ends[keep], segment_ids[bounds[keep]]
 
 
-def raw_chunk_gates(cur_logprobs, old_logprobs, loss_mask, segment_ids, config: GateConfig) -> torch.Tensor:
-    """Raw gates g_s (not normalized) ``[c]`` of positions that hold every position of their segments, e.g. one
-    chunk of a fused loss head cut at segment starts; ``segment_ids`` ``[c]`` is that slice of ``plan.segment_ids``
-    (-1: ungated). The gates of the whole micro-batch are these times ``normalization_factor``."""
-    ids = segment_ids.reshape(-1).to(torch.int64)
-    valid = ids >= 0
-    lo = ids[valid].min() if bool(valid.any()) else ids.new_zeros(())
-    local = torch.where(valid, ids - lo, -1)
-    num = int(local.max()) + 1 if local.numel() else 0  # segments of the chunk
-    plan = SegmentPlan(local, torch.zeros(num, dtype=torch.int64), 1)
-    return gates_for_segments(cur_logprobs, old_logprobs, loss_mask, local, plan,
-                              dataclasses.replace(config, normalize=False))[0]
+class ChunkGates:
+    """The gates of a micro-batch taken chunk by chunk, for a loss head that reads each chunk's log-probs once (the
+    fused head's token loss): ``chunk`` gives the raw gates g_s of a chunk that holds every position of its
+    segments (cut at ``segment_starts``); ``finish`` normalizes them with the scope's one factor and returns what
+    ``gates_for_segments`` returns on the whole micro-batch, without a second pass over it. ``segment_ids``: the
+    micro-batch's ``plan.segment_ids`` (-1: ungated)."""
+
+    def __init__(self, config: GateConfig, segment_ids: torch.Tensor):
+        self.config, self.segment_ids = config, segment_ids.reshape(-1).to(torch.int64)
+        self.raw = torch.ones(self.segment_ids.shape, device=self.segment_ids.device)
+        self.segments = []  # each chunk's (D_s, count_s, raw g_s)
+
+    def chunk(self, part: slice, cur_logprobs, old_logprobs, loss_mask) -> torch.Tensor:
+        """Raw gates ``[c]`` (1 where ungated) of the flat positions ``part`` from their log-probs ``[c]``."""
+        ids = self.segment_ids[part]
+        valid = ids >= 0
+        lo = ids[valid].min() if bool(valid.any()) else ids.new_zeros(())
+        local = torch.where(valid, ids - lo, -1)
+        num = int(local.max()) + 1 if local.numel() else 0  # segments of the chunk
+        plan = SegmentPlan(local, torch.zeros(num, dtype=torch.int64), 1)
+        gates, stats = gates_for_segments(cur_logprobs, old_logprobs, loss_mask, local, plan,
+                                          dataclasses.replace(self.config, normalize=False))
+        self.raw[part] = gates
+        self.segments.append((stats["segment_drift"], stats["segment_count"], stats["segment_gate"]))
+        return gates
+
+    def finish(self, cur_logprobs, old_logprobs, loss_mask, normalizer=None):
+        """``(gates, stats)`` of the whole micro-batch (``cur_logprobs`` etc. ``[b, s]``, every chunk taken): the raw
+        gates times ``normalization_factor`` of the scope, as ``gates_for_segments``."""
+        seg_stat, seg_count, raw = (torch.cat(t) for t in zip(*self.segments))
+        factor = normalization_factor(self.config, _normalizer_terms(raw, seg_count), normalizer)
+        gates = torch.where(self.segment_ids >= 0, self.raw * factor, 1.0)  # ungated positions: 1
+        drift_sums = lambda: _drift_sums(*_flat(cur_logprobs, old_logprobs, loss_mask))  # noqa: E731
+        return gates.view(cur_logprobs.shape), _stats(seg_stat, seg_count, raw * factor, raw, drift_sums)
 
 
 def normalization_factor(config: GateConfig, terms: torch.Tensor, normalizer=None) -> torch.Tensor:

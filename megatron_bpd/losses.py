@@ -62,27 +62,18 @@ def sampled_token_opd_loss(cur_logprobs: torch.Tensor, old_logprobs: torch.Tenso
     token the current policy already rates far above the behavior policy (r_t > c: no gradient); None: off.
     All inputs ``[...]`` of one shape (``[b, s]`` or ``[n]``); only ``cur_logprobs`` carries gradient.
     """
-    mask = loss_mask != 0
-    terms = _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip, advantage_from)
-    loss = gated_mean(_ppo_losses(terms, dual_clip), mask, gates, num_tokens)
-    return loss, _ppo_metrics(terms, mask, dual_clip)
-
-
-def sampled_token_metrics(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
-                          loss_mask: torch.Tensor, clip_eps: Tuple[float, float] = (0.2, 0.2),
-                          adv_clip: float = 5.0, dual_clip: Optional[float] = None,
-                          advantage_from: str = "old") -> dict:
-    """The metrics of ``sampled_token_opd_loss`` alone (for a caller that takes the loss elsewhere): the 0-d
-    pg_clipfrac, ratio_mean, advantage_mean and approx_kl_old_cur over the valid positions (with ``dual_clip``
-    also dual_clipfrac, the fraction held at -c A_t)."""
-    mask = loss_mask != 0
-    terms = _ppo_terms(cur_logprobs.detach(), old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip, advantage_from)
-    return _ppo_metrics(terms, mask, dual_clip)
+    terms = ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, loss_mask, clip_eps, adv_clip, advantage_from)
+    loss = gated_mean(ppo_losses(terms, dual_clip), loss_mask, gates, num_tokens)
+    return loss, ppo_metrics(terms, loss_mask, dual_clip)
 
 
 @torch.no_grad()
-def _ppo_metrics(terms, mask, dual_clip: Optional[float] = None) -> dict:
+def ppo_metrics(terms, loss_mask: torch.Tensor, dual_clip: Optional[float] = None) -> dict:
+    """The metrics of ``sampled_token_opd_loss`` from its ``ppo_terms`` (e.g. gathered from the chunks of a loss
+    taken elsewhere): the 0-d pg_clipfrac, ratio_mean, advantage_mean and approx_kl_old_cur over the valid positions
+    (with ``dual_clip`` also dual_clipfrac, the fraction held at -c A_t)."""
     log_ratio, ratio, advantage, unclipped, clipped = terms
+    mask = loss_mask != 0
     count = mask.sum().clamp(min=1)
     metrics = dict(
         pg_clipfrac=((clipped < unclipped) & mask).sum() / count,
@@ -95,17 +86,9 @@ def _ppo_metrics(terms, mask, dual_clip: Optional[float] = None) -> dict:
     return metrics
 
 
-def sampled_token_position_losses(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
-                                  teacher_logprobs: torch.Tensor, loss_mask: torch.Tensor,
-                                  clip_eps: Tuple[float, float] = (0.2, 0.2), adv_clip: float = 5.0,
-                                  dual_clip: Optional[float] = None, advantage_from: str = "old") -> torch.Tensor:
-    """The per-position l_t of ``sampled_token_opd_loss`` ``[...]`` (0 where masked), before gating and reduction."""
-    return _ppo_losses(_ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, loss_mask != 0, clip_eps, adv_clip,
-                                  advantage_from), dual_clip)
-
-
-def _ppo_losses(terms, dual_clip: Optional[float]) -> torch.Tensor:
-    """l_t = -min(r_t A_t, clip(r_t) A_t), with ``dual_clip`` c held at most -c A_t where A_t < 0."""
+def ppo_losses(terms, dual_clip: Optional[float] = None) -> torch.Tensor:
+    """The per-position l_t of ``sampled_token_opd_loss`` ``[...]`` (0 where masked), before gating and reduction:
+    l_t = -min(r_t A_t, clip(r_t) A_t), with ``dual_clip`` c held at most -c A_t where A_t < 0."""
     _, _, advantage, unclipped, clipped = terms
     losses = -torch.minimum(unclipped, clipped)
     if dual_clip is None:
@@ -115,13 +98,14 @@ def _ppo_losses(terms, dual_clip: Optional[float]) -> torch.Tensor:
     return torch.where(advantage < 0, torch.minimum(losses, -dual_clip * advantage), losses)
 
 
-
-
-def _ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, mask, clip_eps, adv_clip, advantage_from="old"):
-    """log r_t, r_t, A_t, r_t A_t and clip(r_t) A_t (0 where masked), after checking shapes and finiteness; A_t
-    from lp_old (``advantage_from`` "old") or the detached lp_cur ("current")."""
+def ppo_terms(cur_logprobs, old_logprobs, teacher_logprobs, loss_mask, clip_eps=(0.2, 0.2), adv_clip=5.0,
+              advantage_from="old"):
+    """log r_t, r_t, A_t, r_t A_t and clip(r_t) A_t ``[...]`` (0 where masked), after checking shapes and
+    finiteness; A_t from lp_old (``advantage_from`` "old") or the detached lp_cur ("current"). The per-position
+    pieces of ``sampled_token_opd_loss``: ``ppo_losses`` and ``ppo_metrics`` take them."""
     if advantage_from not in ADVANTAGE_FROM:
         raise ValueError(f"advantage_from must be one of {ADVANTAGE_FROM}, got {advantage_from!r}")
+    mask = loss_mask != 0
     _check_same_shape(cur_logprobs=cur_logprobs, old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs,
                       loss_mask=mask)
     old = _upcast(old_logprobs.detach())

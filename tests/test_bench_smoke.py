@@ -83,6 +83,12 @@ def check_train_step(out: str, tmp: Path) -> None:
     assert all(float(r[1]) > 0 for r in rows.values())
 
 
+def check_step_memory(out: str, tmp: Path) -> None:
+    rows = table_rows(out, "fused") + table_rows(out, "unfused")
+    assert [r[:2] for r in rows] == [["fused", "64"], ["unfused", "64"]]
+    assert all(numeric(r[2:]) and float(r[5]) > 0 for r in rows)  # the step adds to the resident set
+
+
 SCRIPTS = {
     "bench_engine": (["--smoke", "--json", "{tmp}/engine.json"], check_engine),
     "bench_rollout": (["--smoke"], check_rollout),
@@ -97,6 +103,7 @@ SCRIPTS = {
     "bench_overlap": (["--smoke"], check_overlap),
     "bench_drift_controls": (["--smoke"], check_drift_controls),
     "bench_train_step": (["--smoke"], check_train_step),
+    "bench_step_memory": (["--smoke"], check_step_memory),
 }
 
 

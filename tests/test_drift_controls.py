@@ -211,6 +211,7 @@ def test_a_control_without_rollout_log_probs_is_an_error():
     from megatron_bpd.gating import GateConfig, plan_segments
     from megatron_bpd.train.batch import MicroBatch
     from megatron_bpd.train.loss import LossConfig, m2po_batch_cutoff, opd_loss
+    from megatron_bpd.vocab_parallel import LMHead
 
     cur, old, teacher, mask, _, _ = case(1, n=8)
     plan = plan_segments((1, 8), GateConfig(granularity="none"))
@@ -219,6 +220,6 @@ def test_a_control_without_rollout_log_probs_is_an_error():
                        plan=plan, teacher_logprobs=teacher.view(1, 8).float())
     config = LossConfig(drift_control=DriftControlConfig("token_drop"), gate=GateConfig(granularity="none"))
     with pytest.raises(ValueError, match="'token_drop' needs the rollout's log-probs"):
-        opd_loss(torch.randn(1, 8, 5), batch, config, mask.sum())
+        opd_loss(LMHead.of_logits(torch.randn(1, 8, 5)), batch, config, mask.sum())
     with pytest.raises(ValueError, match="'m2po' needs the rollout's log-probs"):
         m2po_batch_cutoff([batch], DriftControlConfig("m2po"))

@@ -1,7 +1,8 @@
-"""The fused output layer + vocab-parallel ops (``fused_linear_*``) at TP 1/2/4 over gloo: values and gradients of
-hidden and weight against (a) float64 full-vocabulary single-process math on hidden @ W^T and (b) the unfused
-path (float32 logits hidden @ W_shard^T, the ops on logits, the hidden gradient all-reduced over TP as Megatron's
-column-parallel output layer does). One spawn of 4 processes runs every case; the tests assert on the errors."""
+"""The LM head over hidden states and the output weight shard (``LMHead.of_hidden``, the fused output layer) at
+TP 1/2/4 over gloo: values and gradients of hidden and weight of every op against (a) float64 full-vocabulary
+single-process math on hidden @ W^T and (b) the same op on the head over logits (``LMHead.of_logits`` of float32
+hidden @ W_shard^T, the hidden gradient all-reduced over TP as Megatron's column-parallel output layer does). One
+spawn of 4 processes runs every case; the tests assert on the errors."""
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def _make(case):
     gates = torch.rand(n, generator=gen) + 0.5
     w_pos = torch.randn(n, generator=gen, dtype=torch.float64)
     w_ids = torch.randn(n, k, generator=gen, dtype=torch.float64)
-    starts = torch.rand(n, generator=gen) < 0.4  # where fused_linear_token_loss may start a chunk
+    starts = torch.rand(n, generator=gen) < 0.4  # where LMHead.token_loss may start a chunk
     return dict(hidden=hidden, weight=weight, labels=labels, ids=ids, teacher=teacher, mask=mask, gates=gates,
                 w_pos=w_pos, w_ids=w_ids, vocab=vocab, starts=starts)
 
@@ -48,35 +49,46 @@ def _token_loss(d):
 
 
 def _objectives(d, temperature):
-    """op -> (fused(hidden, weight, group, kw), on_logits(logits, group, kw), float64 full(logits64), weight): each
-    returns a tensor whose weighted sum is back-propagated."""
+    """op -> (op(head), op on the logits head (None: the same), float64 full(logits64), weight): each returns a
+    tensor whose weighted sum is back-propagated."""
     lsm_kw = dict(gates=d["gates"])
+    ref_lp = lambda x: F.log_softmax(x / temperature, -1).gather(-1, d["labels"][:, None])[:, 0]  # noqa: E731
     return {
-        "logprobs": (lambda h, w, g, kw: vp.fused_linear_logprobs(h, w, d["labels"], g, temperature, **kw),
-                     lambda x, g, kw: vp.logprobs_at(x, d["labels"], g, temperature, **kw),
-                     lambda x: F.log_softmax(x / temperature, -1).gather(-1, d["labels"][:, None])[:, 0], d["w_pos"]),
-        "logprobs_k": (lambda h, w, g, kw: vp.fused_linear_logprobs(h, w, d["ids"], g, temperature, **kw),
-                       lambda x, g, kw: vp.logprobs_at(x, d["ids"], g, temperature, **kw),
+        "logprobs": (lambda head: head.logprobs(d["labels"], temperature), None, ref_lp, d["w_pos"]),
+        "logprobs_k": (lambda head: head.logprobs(d["ids"], temperature), None,
                        lambda x: F.log_softmax(x / temperature, -1).gather(-1, d["ids"]), d["w_ids"]),
-        "entropy": (lambda h, w, g, kw: vp.fused_linear_entropy(h, w, g, temperature, **kw),
-                    lambda x, g, kw: vp.entropy(x, g, temperature, **kw),
+        "entropy": (lambda head: head.entropy(temperature), None,
                     lambda x: -(F.softmax(x / temperature, -1) * F.log_softmax(x / temperature, -1)).sum(-1),
                     d["w_pos"]),
-        "lsm": (lambda h, w, g, kw: vp.fused_linear_lsm_loss(h, w, d["ids"], d["teacher"], d["mask"], g,
-                                                             kw["vocab_size"], **lsm_kw)[0],
-                lambda x, g, kw: vp.topk_lsm_loss_parallel(x, d["ids"], d["teacher"], d["mask"], g, kw["vocab_size"],
-                                                           **lsm_kw)[0],
+        "lsm": (lambda head: head.lsm_loss(d["ids"], d["teacher"], d["mask"], **lsm_kw)[0], None,
                 lambda x: topk_lsm_loss(x.gather(-1, d["ids"]), d["teacher"].double(), d["mask"], **lsm_kw)[0],
                 torch.ones((), dtype=torch.float64)),
-        # the gradient taken in the forward, on chunks cut where ``starts`` allows
-        "token_loss": (lambda h, w, g, kw: vp.fused_linear_token_loss(h, w, d["labels"], _token_loss(d), g, temperature,
-                                                                      chunk_starts=d["starts"], **kw)[0],
-                       lambda x, g, kw: _token_loss(d)(slice(None), vp.logprobs_at(x, d["labels"], g, temperature,
-                                                                                  **kw)),
-                       lambda x: _token_loss(d)(slice(None), F.log_softmax(x / temperature, -1).gather(
-                           -1, d["labels"][:, None])[:, 0]),
-                       torch.ones((), dtype=torch.float64)),
+        # the gradient taken in the forward, on chunks cut where ``starts`` allows; on logits: back-propagated
+        "token_loss": (lambda head: head.token_loss(d["labels"], _token_loss(d), temperature, d["starts"])[0],
+                       lambda head: _token_loss(d)(slice(None), head.logprobs(d["labels"], temperature)),
+                       lambda x: _token_loss(d)(slice(None), ref_lp(x)), torch.ones((), dtype=torch.float64)),
     }
+
+
+def _shift_free(at):
+    """Logits at ids ``[n, K]`` up to a per-position constant, made comparable: minus their first column."""
+    return at - at[:, :1]
+
+
+def _logits_at_errors(d, temperature, fused, unfused):
+    """The raw logits at the LSM support that ``logprobs`` and ``token_loss`` read in their own pass, against the
+    float64 logits (up to a per-position constant) and the log-probs those passes return."""
+    ref = (d["hidden"].double() @ d["weight"].double().t())[:, :d["vocab"]]
+    ref_at, ref_lp = _shift_free(ref.gather(-1, d["ids"])), F.log_softmax(ref / temperature, -1).gather(
+        -1, d["labels"][:, None])[:, 0]
+    out = {}
+    for name, (lp, at) in dict(
+            logprobs=fused.logprobs(d["labels"], temperature, logits_at=d["ids"]),
+            logprobs_unfused=unfused.logprobs(d["labels"], temperature, logits_at=d["ids"]),
+            token_loss=fused.token_loss(d["labels"], _token_loss(d), temperature, d["starts"], d["ids"])[1:]).items():
+        out[name] = dict(at=_err(_shift_free(at), ref_at), lp=_err(lp, ref_lp), at_grad=at.requires_grad,
+                         scale=max(ref_at.abs().max().item(), ref_lp.abs().max().item(), 1.0))
+    return out
 
 
 def _err(a, b):
@@ -88,15 +100,15 @@ def _case_errors(case, rank, tp, group):
     d = _make(case)
     local = padded // tp
     rows = slice(rank * local, (rank + 1) * local)
-    kw = dict(vocab_size=vocab_size)
+    kw = dict(tp_group=group, vocab_size=vocab_size, chunk_tokens=chunk)
     out = {}
-    for name, (fused, on_logits, full, weight) in _objectives(d, temperature).items():
+    for name, (op, on_logits, full, weight) in _objectives(d, temperature).items():
         hidden, w_shard = d["hidden"].clone().requires_grad_(), d["weight"][rows].clone().requires_grad_()
-        value = fused(hidden, w_shard, group, dict(kw, chunk_tokens=chunk))
+        value = op(vp.LMHead.of_hidden(hidden, w_shard, **kw))
         (value.double() * weight).sum().backward()
         # the unfused path: float32 logits of the shard, the ops on logits, the hidden grad summed over TP
         u_hidden, u_weight = d["hidden"].clone().requires_grad_(), d["weight"][rows].clone().requires_grad_()
-        u_value = on_logits(u_hidden.float() @ u_weight.float().t(), group, dict(kw, chunk_size=chunk))
+        u_value = (on_logits or op)(vp.LMHead.of_logits(u_hidden.float() @ u_weight.float().t(), **kw))
         (u_value.double() * weight).sum().backward()
         u_grad_hidden = u_hidden.grad.float()
         if tp > 1:
@@ -114,28 +126,31 @@ def _case_errors(case, rank, tp, group):
             weight_unfused=_err(w_shard.grad, u_weight.grad),
             scale=max(r_value.abs().max().item(), r_hidden.grad.abs().max().item(), r_weight.grad.abs().max().item()),
             pad_rows_zero=bool((w_shard.grad[max(d["vocab"] - rank * local, 0):] == 0).all()))
-    values, ids = vp.fused_linear_topk(d["hidden"], d["weight"][rows], k, group, temperature, vocab_size, chunk)
-    u_values, u_ids = vp.topk(d["hidden"].float() @ d["weight"][rows].float().t(), k, group, temperature, vocab_size)
+    fused = vp.LMHead.of_hidden(d["hidden"], d["weight"][rows], **kw)
+    unfused = vp.LMHead.of_logits(d["hidden"].float() @ d["weight"][rows].float().t(), **dict(kw, chunk_tokens=None))
+    values, ids = fused.topk(k, temperature)
+    u_values, u_ids = unfused.topk(k, temperature)
     ref = F.log_softmax((d["hidden"].double() @ d["weight"].double().t())[:, :d["vocab"]] / temperature, -1)
     ref_values = ref.topk(k, -1).values
     out["topk"] = dict(value_ref=_err(values, ref_values), ids_equal_unfused=torch.equal(ids, u_ids),
                        scale=max(ref_values.abs().max().item(), 1.0),
                        value_unfused=_err(values, u_values), ids_real=bool((ids < d["vocab"]).all()),
                        ids_match_values=_err(ref.gather(-1, ids), values), requires_grad=values.requires_grad)
+    out["logits_at"] = _logits_at_errors(d, temperature, fused, unfused)
     return out
 
 
 def _saved_shapes(rank, tp, group):
-    """Shapes the autograd graph of fused_linear_logprobs + entropy + token_loss keeps for the backward."""
+    """Shapes the autograd graph of the hidden-state head's logprobs + entropy + token_loss keeps for the backward."""
     n, h, v = 64, 8, 40
     hidden = torch.randn(n, h, requires_grad=True)
     weight = torch.randn(v, h, requires_grad=True)
     shapes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-        lp = vp.fused_linear_logprobs(hidden, weight, torch.randint(0, v * tp, (n,)), group, chunk_tokens=4)
-        ent = vp.fused_linear_entropy(hidden, weight, group, chunk_tokens=4)
-        token, _ = vp.fused_linear_token_loss(hidden, weight, torch.randint(0, v * tp, (n,)),
-                                              lambda part, lp: 2 * lp.sum(), group, chunk_tokens=4)
+        head = vp.LMHead.of_hidden(hidden, weight, group, chunk_tokens=4)
+        lp = head.logprobs(torch.randint(0, v * tp, (n,)))
+        ent = head.entropy()
+        token, _, _ = head.token_loss(torch.randint(0, v * tp, (n,)), lambda part, lp: 2 * lp.sum())
     (lp.sum() + ent.sum() + token).backward()
     return shapes
 
@@ -188,6 +203,16 @@ def test_fused_ops_match_float64_reference_and_unfused_path(results, case, op):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_logits_at_the_support_come_with_the_log_probs_in_one_pass(results, case):
+    tp, per_rank = results
+    tol = TOL[CASES[case][4]]["value"]
+    for rank, res in enumerate(per_rank):
+        for name, r in res[case]["logits_at"].items():
+            where = f"tp{tp} rank {rank} {case} {name}: {r}"
+            assert r["at"] <= 4 * tol * r["scale"] and r["lp"] <= tol * r["scale"] and not r["at_grad"], where
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_fused_topk_matches_reference_and_unfused_path(results, case):
     tp, per_rank = results
     for rank, res in enumerate(per_rank):
@@ -207,26 +232,26 @@ def test_backward_keeps_no_logits(results):
 
 def test_fused_argument_errors():
     hidden, weight = torch.zeros(3, 4), torch.zeros(8, 4)
+    head = vp.LMHead.of_hidden
     with pytest.raises(ValueError, match="do not fit"):
-        vp.fused_linear_entropy(hidden, torch.zeros(8, 5))
+        head(hidden, torch.zeros(8, 5))
     with pytest.raises(ValueError, match="float tensors"):
-        vp.fused_linear_entropy(hidden.long(), weight)
+        head(hidden.long(), weight)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 6\)"):
-        vp.fused_linear_logprobs(hidden, weight, torch.tensor([0, 6, 1]), vocab_size=6)
+        head(hidden, weight, vocab_size=6).logprobs(torch.tensor([0, 6, 1]))
     with pytest.raises(ValueError, match="do not match hidden"):
-        vp.fused_linear_logprobs(hidden, weight, torch.tensor([0, 1]))
+        head(hidden, weight).logprobs(torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"chunk_starts has shape \[2\], labels \[3\]"):
-        vp.fused_linear_token_loss(hidden, weight, torch.tensor([0, 1, 2]), lambda part, lp: lp.sum(),
-                                   chunk_starts=torch.ones(2, dtype=torch.bool))
-    token, _ = vp.fused_linear_token_loss(hidden.requires_grad_(), weight, torch.tensor([0, 1, 2]),
-                                          lambda part, lp: lp.sum())
+        head(hidden, weight).token_loss(torch.tensor([0, 1, 2]), lambda part, lp: lp.sum(),
+                                        chunk_starts=torch.ones(2, dtype=torch.bool))
+    token, _, _ = head(hidden.requires_grad_(), weight).token_loss(torch.tensor([0, 1, 2]), lambda part, lp: lp.sum())
     token.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward through the same forward twice"):
         token.backward()
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
-        vp.fused_linear_entropy(hidden, weight, chunk_tokens=0)
+        head(hidden, weight, chunk_tokens=0)
     with pytest.raises(ValueError, match="k must be"):
-        vp.fused_linear_topk(hidden, weight, 9)
+        head(hidden, weight).topk(9)
 
 
 def test_token_loss_chunks_start_where_allowed():
@@ -245,7 +270,7 @@ def test_fused_sampled_token_loss_names_the_chunk_of_a_nan_log_prob():
     """The loss taken in the forward checks the log-probs chunk by chunk; the error says where the chunk lies."""
     from megatron_bpd.gating import GateConfig, plan_segments
     from megatron_bpd.train.batch import MicroBatch
-    from megatron_bpd.train.loss import HiddenStates, LossConfig, gradient_in_forward, opd_loss
+    from megatron_bpd.train.loss import LossConfig, gradient_in_forward, opd_loss
 
     gen = torch.Generator().manual_seed(0)
     b, s, h, v = 2, 6, 4, 10
@@ -256,7 +281,8 @@ def test_fused_sampled_token_loss_names_the_chunk_of_a_nan_log_prob():
     plan = plan_segments((b, s), config.gate)
     batch = MicroBatch(tokens=labels, labels=labels, loss_mask=torch.ones(b, s, dtype=torch.bool), old_logprobs=old,
                        segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=old.nan_to_num())
-    head = HiddenStates(torch.randn(b, s, h, generator=gen, requires_grad=True), torch.randn(v, h, generator=gen))
+    head = vp.LMHead.of_hidden(torch.randn(b, s, h, generator=gen, requires_grad=True),
+                               torch.randn(v, h, generator=gen), chunk_tokens=config.chunk_tokens)
     assert gradient_in_forward(head, batch, config)
     where = r"non-finite old_logprobs at valid position \[1\] .*\(in the chunk of flat positions \[9, 12\) of 12"
     with pytest.raises(ValueError, match=where):

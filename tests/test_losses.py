@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_bpd.gating import GateConfig, drift_gates
-from megatron_bpd.losses import (gated_mean, sampled_token_metrics, sampled_token_opd_loss,
+from megatron_bpd.losses import (gated_mean, ppo_metrics, ppo_terms, sampled_token_opd_loss,
                                 top_entropy_mask, topk_lsm_loss)
 
 
@@ -78,7 +78,7 @@ def test_sampled_token_loss_value_and_gradient(seed, dual):
                                          gates.tolist(), eps_high=0.28, dual=dual)) / (2 * h)
         assert cur.grad[t].item() == pytest.approx(num, abs=1e-5), t
     assert 0.0 <= metrics["pg_clipfrac"].item() <= 1.0
-    alone = sampled_token_metrics(cur, old, teacher, mask, clip_eps=(0.2, 0.28), dual_clip=dual)
+    alone = ppo_metrics(ppo_terms(cur.detach(), old, teacher, mask, clip_eps=(0.2, 0.28)), mask, dual_clip=dual)
     assert alone.keys() == metrics.keys() and all(torch.equal(alone[k], metrics[k]) for k in alone)
     valid = mask.nonzero().reshape(-1).tolist()
     ratio = [math.exp(cur[t].item() - old[t].item()) for t in valid]

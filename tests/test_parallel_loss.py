@@ -143,7 +143,8 @@ def _layout_results(tp, cp):
     from megatron_bpd import parallel
     from megatron_bpd.parallel.context_parallel import cp_positions
     from megatron_bpd.train.batch import MicroBatch
-    from megatron_bpd.train.loss import HiddenStates, LossConfig, gradient_in_forward, m2po_batch_cutoff, opd_loss
+    from megatron_bpd.train.loss import LossConfig, gradient_in_forward, m2po_batch_cutoff, opd_loss
+    from megatron_bpd.vocab_parallel import LMHead
 
     parallel.initialize(tp=tp, cp=cp, seed=1)
     tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
@@ -161,18 +162,19 @@ def _layout_results(tp, cp):
         config = LossConfig(kind=kind, gate=gate, chunk_tokens=CHUNK, **options(case))
 
         def local(rows, cfg):
-            """(this rank's share of the micro-batch, its head: logits [b, s/cp, V/tp] or HiddenStates)"""
+            """(this rank's share of the micro-batch, its LMHead over logits [b, s/cp, V/tp] or hidden states)"""
             plan = plan_segments((len(rows), S), cfg.gate, response_starts=data["starts"][rows])
             batch = MicroBatch(tokens=data["labels"][rows], labels=data["labels"][rows],
                                loss_mask=data["mask"][rows], old_logprobs=data["old"][rows],
                                segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=data["teacher"][rows],
                                teacher_topk_ids=data["top_ids"][rows], teacher_topk_logprobs=data["top_lp"][rows],
                                behavior_logprobs=data["behavior"][rows])
+            kw = dict(tp_group=tp_group, vocab_size=cfg.vocab_size, chunk_tokens=cfg.chunk_tokens)
             if head == "logits":
                 inputs = data["logits"][rows][:, positions, vocab].clone().requires_grad_()
-            else:
-                inputs = HiddenStates(data["hidden"][rows][:, positions].clone().requires_grad_(), weight_shard)
-            return batch.split_for_cp(cp, cp_rank), inputs
+                return batch.split_for_cp(cp, cp_rank), inputs, LMHead.of_logits(inputs, **kw)
+            inputs = data["hidden"][rows][:, positions].clone().requires_grad_()
+            return batch.split_for_cp(cp, cp_rank), inputs, LMHead.of_hidden(inputs, weight_shard, **kw)
 
         m2_cutoff = None
         if config.drift_control.kind == "m2po":  # over every micro-batch of the step, on every DP and CP rank
@@ -183,20 +185,21 @@ def _layout_results(tp, cp):
             raw = dataclasses.replace(config, gate=dataclasses.replace(gate, normalize=False))
             normalizer = torch.zeros(2, dtype=torch.float64)
             for rows in my_micro:
-                batch, logits = local(rows, raw)
+                batch, _, lm_head = local(rows, raw)
                 with torch.no_grad():
-                    normalizer += opd_loss(logits, batch, raw, num_tokens, tp_group=tp_group, cp_group=cp_group,
+                    normalizer += opd_loss(lm_head, batch, raw, num_tokens, cp_group=cp_group,
                                            m2_cutoff=m2_cutoff)[1]["normalizer_terms"]
             dist.all_reduce(normalizer, group=ps.get_data_parallel_group())
         results = []
         for rows in my_micro:
-            batch, inputs = local(rows, config)
-            loss, metrics = opd_loss(inputs, batch, config, num_tokens, tp_group=tp_group, cp_group=cp_group,
-                                     normalizer=normalizer, m2_cutoff=m2_cutoff)
+            batch, inputs, lm_head = local(rows, config)
+            loss, metrics = opd_loss(lm_head, batch, config, num_tokens, cp_group=cp_group, normalizer=normalizer,
+                                     m2_cutoff=m2_cutoff)
             loss.backward()
-            grad = inputs.grad if head == "logits" else inputs.hidden.grad
-            results.append(dict(rows=rows, loss=loss.item(), grad=grad, gates=metrics["gates"],
-                                in_forward=gradient_in_forward(inputs, batch, config, cp_group)))
+            results.append(dict(rows=rows, loss=loss.item(), grad=inputs.grad, gates=metrics["gates"],
+                                in_forward=gradient_in_forward(lm_head, batch, config, cp_group),
+                                metrics={k: v.item() for k, v in metrics.items() if v.dim() == 0},
+                                terms=metrics["normalizer_terms"]))
         # the weight shard's gradient of all of this rank's micro-batches (DDP sums it over DP and CP)
         out[(case, head)] = dict(parts=results, weight_grad=weight_shard.grad)
         weight_shard.grad = None
@@ -245,6 +248,31 @@ def test_loss_and_gradients_match_one_process(layout_results, tp, cp, head):
         if head == "fused":
             torch.testing.assert_close(weight_grad, ref_grads["weight"].float(), rtol=1e-4, atol=1e-6,
                                        msg=f"weight {gate} {kind} {CONTROLS[case]}")
+
+
+def test_metrics_are_the_same_from_either_head_and_support_kl_matches_one_process(layout_results):
+    """The fused head keeps each chunk's gates, PPO terms and drift weights where it takes the loss's gradient in
+    the forward, and reads the student's logits on the teacher's support in the same pass as its log-probs: every
+    0-d metric (support_kl, the PPO, gate and drift-control summaries) and the normalizer terms of each micro-batch
+    equal the logits head's, and support_kl that of one float64 process (layouts without CP: whole sequences)."""
+    data = make_batch()
+    logits = data["logits"].double()
+    for rank_results in layout_results:
+        for (tp, cp), res in rank_results.items():
+            for case in range(len(CASES)):
+                pairs = zip(res["out"][(case, "logits")]["parts"], res["out"][(case, "fused")]["parts"])
+                for unfused, fused in pairs:
+                    where = (tp, cp, case, unfused["rows"])
+                    assert fused["metrics"].keys() == unfused["metrics"].keys() and "support_kl" in fused["metrics"]
+                    for key, value in unfused["metrics"].items():
+                        assert fused["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (where, key)
+                    torch.testing.assert_close(fused["terms"], unfused["terms"], rtol=1e-6, atol=1e-6)
+                    if cp == 1:
+                        rows = unfused["rows"]
+                        _, ref = topk_lsm_loss(logits[rows].gather(-1, data["top_ids"][rows]),
+                                               data["top_lp"][rows].double(), data["mask"][rows])
+                        assert fused["metrics"]["support_kl"] == pytest.approx(ref["support_kl"].item(), rel=1e-5,
+                                                                               abs=1e-6), where
 
 
 def _packed_cp_gates(rank, world_size):

@@ -1,5 +1,6 @@
-"""Vocab-parallel ops at TP 1/2/4 over gloo against a single-process float64 full-vocabulary reference on the CPU,
-and (``-m gpu``) the same cases on CUDA tensors over NCCL at TP 1 (TP 2 with two GPUs).
+"""The LM head's ops on vocab-parallel logits (``LMHead.of_logits``) at TP 1/2/4 over gloo against a single-process
+float64 full-vocabulary reference on the CPU, and (``-m gpu``) the same cases on CUDA tensors over NCCL at TP 1 (TP 2
+with two GPUs).
 
 One spawn per layout runs every case (``_run_cases``) and reports errors; the tests below assert on them.
 """
@@ -29,6 +30,10 @@ def _grad_of(fn, full, weight):
 def _shard_of(full, rank, tp, device="cpu"):
     local = full.shape[-1] // tp
     return full[..., rank * local:(rank + 1) * local].to(device, copy=True).requires_grad_()
+
+
+def _head(logits, group, vocab_size=None, chunk=None):
+    return vp.LMHead.of_logits(logits, group, vocab_size, chunk)
 
 
 def _err(a, b):
@@ -72,7 +77,6 @@ def _case_errors(case, rank, tp, group, device):
     ids_dev = ids.to(device)
     local = padded // tp
     cols = slice(rank * local, (rank + 1) * local)
-    kw = dict(temperature=temperature, vocab_size=vocab_size, chunk_size=chunk)
     grad_tol = GRAD_TOL[dtype]
     out = {}
 
@@ -85,9 +89,10 @@ def _case_errors(case, rank, tp, group, device):
         return -(lsm.exp() * lsm).sum(-1)
 
     for name, ours, ref, weight in (
-        ("logprobs_at", lambda s: vp.logprobs_at(s, ids_dev, group, **kw), ref_logprobs, w_ids),
-        ("entropy", lambda s: vp.entropy(s, group, **kw), ref_entropy, w_pos),
-        ("gather_at", lambda s: vp.gather_at(s, ids_dev, group, vocab_size),
+        ("logprobs", lambda s: _head(s, group, vocab_size, chunk).logprobs(ids_dev, temperature), ref_logprobs,
+         w_ids),
+        ("entropy", lambda s: _head(s, group, vocab_size, chunk).entropy(temperature), ref_entropy, w_pos),
+        ("logits_at", lambda s: _head(s, group, vocab_size, chunk).logits_at(ids_dev),
          lambda x: x.gather(-1, ids if k else ids.unsqueeze(-1)).view(ids.shape), w_ids),
     ):
         shard = _shard_of(full, rank, tp, device)
@@ -96,15 +101,17 @@ def _case_errors(case, rank, tp, group, device):
         ref_value, ref_grad = ref(full.double()), _grad_of(ref, full, weight)[..., cols]
         out[name] = dict(value=_err(value, ref_value), grad=_err(shard.grad, ref_grad),
                          dtype=value.dtype, value_tol=_value_tol(ref_value), grad_tol=grad_tol,
-                         pad_grad_zero=bool((shard.grad.reshape(-1, local)[:, max(vocab - rank * local, 0):] == 0).all()))
+                         pad_grad_zero=bool((shard.grad.reshape(-1, local)[:, max(vocab - rank * local, 0):] == 0)
+                                            .all()))
     top_k = k or 3
-    values, top_ids = vp.topk(_shard_of(full, rank, tp, device), top_k, group, temperature, vocab_size, chunk)
+    values, top_ids = _head(_shard_of(full, rank, tp, device), group, vocab_size, chunk).topk(top_k, temperature)
     values, top_ids = values.cpu(), top_ids.cpu()
     ref_lsm = _reference(full, vocab, temperature)
     ref_values = ref_lsm.topk(top_k, -1).values
     # ids: distinct, real, and their reference log-probs are the top-k values (bf16 logits have ties)
     distinct = (top_ids.sort(-1).values.diff(dim=-1) != 0).all() if top_k > 1 else True
-    ids_valid = bool(distinct) and bool((top_ids < vocab).all()) and _err(ref_lsm.gather(-1, top_ids), ref_values) <= 1e-6
+    ids_valid = (bool(distinct) and bool((top_ids < vocab).all())
+                 and _err(ref_lsm.gather(-1, top_ids), ref_values) <= 1e-6)
     out["topk"] = dict(value=_err(values, ref_values), ids_valid=ids_valid,
                        value_tol=_value_tol(ref_values), sorted=bool((values[..., :-1] >= values[..., 1:]).all()),
                        requires_grad=values.requires_grad)
@@ -112,7 +119,7 @@ def _case_errors(case, rank, tp, group, device):
 
 
 def _megatron_ce_errors(rank, tp, group, device):
-    """-logprobs_at(one id) against megatron's vocab_parallel_cross_entropy (values and grads)."""
+    """-logprobs(one id) against megatron's vocab_parallel_cross_entropy (values and grads)."""
     from megatron.core import tensor_parallel
 
     gen = torch.Generator().manual_seed(5)
@@ -120,7 +127,7 @@ def _megatron_ce_errors(rank, tp, group, device):
     target = torch.randint(0, 32 * tp, (4, 3), generator=gen).to(device)
     weight = torch.randn(4, 3, generator=gen).to(device)
     ours_in, theirs_in = _shard_of(full, rank, tp, device), _shard_of(full, rank, tp, device)
-    ours = -vp.logprobs_at(ours_in, target, group, chunk_size=5)
+    ours = -_head(ours_in, group, chunk=5).logprobs(target)
     theirs = tensor_parallel.vocab_parallel_cross_entropy(theirs_in.clone(), target)  # it edits its input
     (ours * weight).sum().backward()
     (theirs * weight).sum().backward()
@@ -128,7 +135,7 @@ def _megatron_ce_errors(rank, tp, group, device):
 
 
 def _lsm_errors(rank, tp, group, device):
-    """topk_lsm_loss_parallel against losses.topk_lsm_loss on the unsharded float64 logits."""
+    """LMHead.lsm_loss against losses.topk_lsm_loss on the unsharded float64 logits."""
     from megatron_bpd.losses import topk_lsm_loss
 
     gen = torch.Generator().manual_seed(9)
@@ -139,21 +146,22 @@ def _lsm_errors(rank, tp, group, device):
     mask = torch.tensor([1, 1, 0, 1, 1, 1, 0])
     gates = torch.rand(n, generator=gen) + 0.5
     shard = _shard_of(full, rank, tp, device)
-    loss, metrics = vp.topk_lsm_loss_parallel(shard, support.to(device), teacher.to(device), mask.to(device), group,
-                                              vocab_size=vocab, gates=gates.to(device))
+    loss, metrics = _head(shard, group, vocab).lsm_loss(support.to(device), teacher.to(device), mask.to(device),
+                                                        gates=gates.to(device))
     loss.backward()
     ref_full = full.double().requires_grad_()
     ref_loss, ref_metrics = topk_lsm_loss(ref_full.gather(-1, support), teacher.double(), mask, gates=gates)
     ref_loss.backward()
     local = full.shape[-1] // tp
-    return dict(value=abs(loss.item() - ref_loss.item()), grad=_err(shard.grad, ref_full.grad[:, rank * local:][:, :local]),
+    return dict(value=abs(loss.item() - ref_loss.item()),
+                grad=_err(shard.grad, ref_full.grad[:, rank * local:][:, :local]),
                 kl=abs(metrics["support_kl"].item() - ref_metrics["support_kl"].item()))
 
 
 def _padding_ids_error(rank, tp, group, device):
     shard = torch.zeros(2, 1024 // tp, device=device)
     try:
-        vp.logprobs_at(shard, torch.tensor([3, 1010], device=device), group, vocab_size=1000)
+        _head(shard, group, 1000).logprobs(torch.tensor([3, 1010], device=device))
     except ValueError as e:
         return str(e)
     return None
@@ -217,7 +225,7 @@ def results(request, run_layout):
 
 # --------------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("op", ["logprobs_at", "entropy", "gather_at"])
+@pytest.mark.parametrize("op", ["logprobs", "entropy", "logits_at"])
 def test_differentiable_ops_match_reference(results, case, op):
     tp, per_rank = results
     for rank, res in enumerate(per_rank):
@@ -237,7 +245,7 @@ def test_topk_matches_reference(results, case):
         assert r["value"] <= r["value_tol"] and r["sorted"] and not r["requires_grad"], r
 
 
-def test_logprobs_at_equals_megatron_cross_entropy(results):
+def test_logprobs_equal_megatron_cross_entropy(results):
     tp, per_rank = results
     for res in per_rank:
         assert res["megatron_ce"]["value"] <= 2e-6 and res["megatron_ce"]["grad"] <= 2e-7, res["megatron_ce"]
@@ -260,28 +268,30 @@ def test_ids_in_padding_rejected_on_every_rank(results):
 def test_argument_errors():
     logits = torch.zeros(3, 8)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 8\) \(padding or invalid\): \[-1, 9\]"):
-        vp.logprobs_at(logits, torch.tensor([-1, 9, 2]), None)
+        _head(logits, None).logprobs(torch.tensor([-1, 9, 2]))
     with pytest.raises(ValueError, match="do not match logits"):
-        vp.logprobs_at(logits, torch.zeros(4, dtype=torch.long), None)
+        _head(logits, None).logprobs(torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="integer"):
-        vp.gather_at(logits, torch.zeros(3), None)
+        _head(logits, None).logits_at(torch.zeros(3))
     with pytest.raises(ValueError, match="vocab_size 9 does not fit"):
-        vp.entropy(logits, None, vocab_size=9)
+        _head(logits, None, vocab_size=9)
     with pytest.raises(ValueError, match="temperature"):
-        vp.entropy(logits, None, temperature=0.0)
-    with pytest.raises(ValueError, match="chunk_size"):
-        vp.entropy(logits, None, chunk_size=0)
+        _head(logits, None).entropy(temperature=0.0)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        _head(logits, None, chunk=0)
     with pytest.raises(ValueError, match="k must be"):
-        vp.topk(logits, 9, None)
+        _head(logits, None).topk(9)
+    with pytest.raises(ValueError, match="token_loss takes its gradient in the forward from hidden states"):
+        _head(logits, None).token_loss(torch.zeros(3, dtype=torch.long), lambda part, lp: lp.sum())
 
 
 def test_chunking_keeps_inputs_untouched_and_gives_same_result():
     logits = torch.randn(11, 40) * 5
     before = logits.clone()
     ids = torch.randint(0, 40, (11,))
-    a = vp.logprobs_at(logits, ids, None, chunk_size=1)
-    b = vp.logprobs_at(logits, ids, None, chunk_size=1000)
-    c = vp.logprobs_at(logits, ids, None)  # default chunk: CHUNK_ELEMENTS float32
+    a = _head(logits, None, chunk=1).logprobs(ids)
+    b = _head(logits, None, chunk=1000).logprobs(ids)
+    c = _head(logits, None).logprobs(ids)  # default chunk: CHUNK_ELEMENTS float32
     assert torch.equal(logits, before) and (a - b).abs().max() <= 1e-6 and (a - c).abs().max() <= 1e-6
 
 

@@ -149,9 +149,10 @@ class LossConfig:
     log_ratio_clip: float = 5.0
     temperature: float = 1.0
     vocab_size: Optional[int] = None  # the real vocabulary when the model's is padded for TP
-    # the output layer fused with the loss: the logits [b, s, V/tp] and their gradient are never held
+    # the output layer fused with the loss and every no-grad pass (forward_step.head_forward): the logits
+    # [b, s, V/tp] and their gradient are never held
     fused_head: bool = True
-    # positions per chunk of the fused head (its memory: chunk x V/tp float32); None: as many as fill 128 MiB
+    # positions per chunk of the LM head's vocabulary ops (memory: chunk x V/tp float32); None: as many as fill 128 MiB
     chunk_tokens: Optional[int] = None
     # LSM "tail": S_t = top-K(q) plus the sampled token y_t when it is not among them (K + 1 entries).
     tail: bool = False

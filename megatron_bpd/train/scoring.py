@@ -1,7 +1,10 @@
 """Forward-only passes through Megatron's schedule: the student's log-probs before the first update ("old"
-log-probs) and the scores of a teacher that runs inside the trainer. Results live on the last pipeline stage,
-where the loss needs them, gathered back to whole sequences over the CP group."""
+log-probs), the scores of a teacher that runs inside the trainer, the loss's pre-pass and the support-KL probe.
+Each reads the ``LMHead`` that the training forward step builds (``forward_step.head_forward``: hidden states and
+the output weight shard with ``loss.fused_head``, so no pass holds the logits ``[b, s, V/tp]``). Results live on
+the last pipeline stage, where the loss needs them, gathered back to whole sequences over the CP group."""
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 import torch
@@ -9,14 +12,42 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ..parallel.context_parallel import cp_positions
+from ..vocab_parallel import LMHead
 from .batch import MicroBatch
+from .config import LossConfig
+from .forward_step import head_forward
+
+
+@dataclass(frozen=True)
+class ScoringPass:
+    """What a no-grad pass computes: ``score(head, batch)`` -> per-position tensors of each micro-batch from its
+    ``LMHead``, built as ``loss`` configures the training forward (``fused_head``, ``vocab_size``,
+    ``chunk_tokens``)."""
+
+    loss: LossConfig
+    score: Callable[[LMHead, MicroBatch], Dict[str, torch.Tensor]]
+
+
+def logprobs_pass(loss: LossConfig, temperature: float) -> ScoringPass:
+    """The labels' log-probs at ``temperature`` ("lp" ``[b, s]``): the student's old log-probs, recomputed."""
+    return ScoringPass(loss, lambda head, batch: {"lp": head.logprobs(batch.labels, temperature)})
+
+
+def teacher_pass(loss: LossConfig, k: int) -> ScoringPass:
+    """An in-trainer teacher's scores at temperature 1: the labels' log-probs ("lp" ``[b, s]``) and its top-``k``
+    log-probs ("top") and ids ("ids"), ``[b, s, k]``."""
+
+    def score(head: LMHead, batch: MicroBatch) -> Dict[str, torch.Tensor]:
+        values, ids = head.topk(k)
+        return {"lp": head.logprobs(batch.labels), "ids": ids, "top": values}
+
+    return ScoringPass(loss, score)
 
 
 @torch.no_grad()
-def forward_only(model, batches: List[MicroBatch], fn: Callable[[torch.Tensor, MicroBatch], Dict[str, torch.Tensor]],
-                 seq_len: int) -> List[Dict[str, torch.Tensor]]:
-    """Run ``model`` on CP-split ``batches``; on the last stage return ``fn(logits, batch)`` of each micro-batch
-    (other stages: [])."""
+def forward_only(model, batches: List[MicroBatch], scoring: ScoringPass, seq_len: int) -> List[Dict[str, torch.Tensor]]:
+    """Run ``model`` on CP-split ``batches``; on the last stage return ``scoring.score(head, batch)`` of each
+    micro-batch (other stages: [])."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not batches:
@@ -24,8 +55,8 @@ def forward_only(model, batches: List[MicroBatch], fn: Callable[[torch.Tensor, M
 
     def forward_step(data_iterator, model_chunk):
         batch = next(data_iterator)
-        logits = model_chunk(batch.tokens, batch.position_ids, attention_mask=None)
-        return logits, lambda output: (output.new_zeros(()), fn(output, batch))
+        output, head_of = head_forward(model_chunk, batch, scoring.loss)
+        return output, lambda out: (out.new_zeros(()), scoring.score(head_of(out), batch))
 
     out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
                                       num_microbatches=len(batches), seq_length=seq_len,

@@ -29,7 +29,6 @@ from ..rollout.rollout import RolloutConfig, generate_rollout
 from ..rollout.teacher import SGLangTeacher
 from ..rollout.types import TeacherScores
 from ..drift_controls import METRICS as DRIFT_CONTROL_METRICS
-from ..vocab_parallel import entropy, logprobs_at, topk, topk_lsm_loss_parallel
 from .checkpoint import ROLLOUTS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PromptDataset
@@ -40,7 +39,7 @@ from .layout import check_layout
 from .metrics import MetricSums, MetricsLog
 from .rollout_data import RolloutData, micro_batch, newline_token_ids, padded_length, response_slices
 from .rollout_feed import RolloutFeed, servers_from_config
-from .scoring import forward_only, gather_cp
+from .scoring import ScoringPass, forward_only, gather_cp, logprobs_pass, teacher_pass
 from .setup import lr_scheduler, wrap_for_training, zero_grads
 
 UPDATE_METRICS = ["loss", "pg_clipfrac", "dual_clipfrac", "ratio_mean", "support_kl", "gate_mean", "gate_min",
@@ -277,10 +276,7 @@ class Trainer:
         if self.config.reuse.old_logprobs == "rollout":
             data.old_logprobs = behavior
             return
-        tp_group, temperature = ps.get_tensor_model_parallel_group(), self.config.rollout.temperature
-        fn = lambda logits, batch: {"lp": logprobs_at(logits, batch.labels, tp_group, temperature,  # noqa: E731
-                                                      self.vocab_size)}
-        scores = self._score(self.ddp, data, fn)
+        scores = self._score(self.ddp, data, logprobs_pass(self.loss_config, self.config.rollout.temperature))
         data.old_logprobs = {b: s["lp"] for b, s in scores.items()}
         on_policy = self.config.rollout.policy == "student"  # else the behavior log-probs are the teacher's
         if on_policy and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
@@ -296,13 +292,7 @@ class Trainer:
 
     def _megatron_teacher_scores(self, data: RolloutData) -> Optional[TeacherScores]:
         """The in-trainer teacher's log-probs of the sampled tokens and its top-K (on the last stage)."""
-        tp_group, k = ps.get_tensor_model_parallel_group(), self.config.teacher.top_k
-
-        def fn(logits, batch):
-            values, ids = topk(logits, k, tp_group, vocab_size=self.vocab_size)
-            return {"lp": logprobs_at(logits, batch.labels, tp_group, 1.0, self.vocab_size), "ids": ids, "top": values}
-
-        scores = self._score(self.teacher_model, data, fn)
+        scores = self._score(self.teacher_model, data, teacher_pass(self.loss_config, self.config.teacher.top_k))
         if not ps.is_pipeline_last_stage():
             return None
         n = len(data.trajectories)
@@ -362,21 +352,21 @@ class Trainer:
         terms_wanted, entropy_wanted = config.gate.scope == "global", config.top_entropy_fraction < 1
         if not (terms_wanted or entropy_wanted):
             return None, batches, num_tokens
-        tp_group, cp_group = ps.get_tensor_model_parallel_group(), ps.get_context_parallel_group()
+        cp_group = ps.get_context_parallel_group()
         raw = dataclasses.replace(config.gate, normalize=False)
 
-        def fn(logits, batch):
+        def fn(head, batch):
             out = {}
             if terms_wanted:
-                cur = logprobs_at(logits, batch.labels, tp_group, config.temperature, self.vocab_size)
+                cur = head.logprobs(batch.labels, config.temperature)
                 _, stats = gates_for_segments(cur, batch.old_logprobs, batch.loss_mask, batch.segment_ids, batch.plan,
                                               raw, reduce=group_sum(cp_group))
                 out["terms"] = stats["normalizer_terms"]
             if entropy_wanted:
-                out["entropy"] = entropy(logits, tp_group, config.temperature, self.vocab_size)
+                out["entropy"] = head.entropy(config.temperature)
             return out
 
-        outputs = forward_only(self.ddp, batches, fn, seq_len)
+        outputs = forward_only(self.ddp, batches, ScoringPass(config, fn), seq_len)
         normalizer = None
         if terms_wanted:
             normalizer = torch.zeros(2, dtype=torch.float64, device=parallel.compute_device())
@@ -446,15 +436,13 @@ class Trainer:
         """Token-weighted mean reverse KL (student || teacher) on the teacher's top-K support over the probe."""
         data = RolloutData(trajectories, scores)
         _, batches, seq_len = self._micro_batches(data, list(range(len(trajectories))), with_old=False)
-        tp_group = ps.get_tensor_model_parallel_group()
 
-        def fn(logits, batch):
-            _, metrics = topk_lsm_loss_parallel(logits, batch.teacher_topk_ids, batch.teacher_topk_logprobs,
-                                                batch.loss_mask, tp_group, vocab_size=self.vocab_size)
+        def fn(head, batch):
+            _, metrics = head.lsm_loss(batch.teacher_topk_ids, batch.teacher_topk_logprobs, batch.loss_mask)
             return {"kl": metrics["support_kl"], "n": batch.loss_mask.sum()}
 
         sums = MetricSums()
-        outputs = forward_only(self.ddp, batches, fn, seq_len)  # every rank: TP/PP collectives inside
+        outputs = forward_only(self.ddp, batches, ScoringPass(self.loss_config, fn), seq_len)  # TP/PP collectives
         if ps.get_tensor_model_parallel_rank() == 0:  # each (DP, CP) share of the positions counted once
             for out in outputs:
                 sums.add("probe_support_kl", out["kl"].item(), out["n"].item())

@@ -1,17 +1,13 @@
 """Vocab-parallel ops over the tensor-parallel group, never gathering the full vocabulary.
 
-``logits``: ops on Megatron's vocab-sharded logits ``[..., V/tp]`` (``logprobs_at``, ``entropy``, ``gather_at``,
-``topk``, ``topk_lsm_loss_parallel``). ``fused``: the same ops fused with the output layer, from hidden states
-``[..., h]`` and this rank's weight shard ``[V/tp, h]``, never holding the logits (``fused_linear_*``;
-``fused_linear_token_loss`` computes a per-position loss's gradient in the forward). Both run
-the one set of chunked max / log-sum-exp / entropy / top-K reductions in ``core``.
+``LMHead`` (``head``): this rank's LM head output, as vocab-sharded logits ``[..., V/tp]`` or as final hidden states
+``[..., h]`` with the output layer's weight shard ``[V/tp, h]`` (the logits never held), and its ops: log-probs at
+ids, entropy, top-K, logits at ids, the LSM loss and a per-position token loss with its gradient taken in the
+forward. Both forms run the one set of chunked max / log-sum-exp / entropy / top-K reductions in ``core``, over a
+chunk source (``core.LogitsChunks``, ``fused.LinearChunks``).
 """
 
 from .core import CHUNK_ELEMENTS
-from .fused import (fused_linear_entropy, fused_linear_gather_at, fused_linear_logprobs, fused_linear_lsm_loss,
-                    fused_linear_token_loss, fused_linear_topk)
-from .logits import entropy, gather_at, logprobs_at, topk, topk_lsm_loss_parallel
+from .head import LMHead
 
-__all__ = ["CHUNK_ELEMENTS", "entropy", "gather_at", "logprobs_at", "topk", "topk_lsm_loss_parallel",
-           "fused_linear_entropy", "fused_linear_gather_at", "fused_linear_logprobs", "fused_linear_lsm_loss",
-           "fused_linear_token_loss", "fused_linear_topk"]
+__all__ = ["CHUNK_ELEMENTS", "LMHead"]

@@ -1,8 +1,9 @@
 """Chunked softmax reductions over a vocabulary sharded on the tensor-parallel group, fed chunk by chunk.
 
 A *chunk source* yields this rank's float logits ``[c, V/tp]`` for a slice of the ``n`` positions and takes the
-gradient of each chunk back: ``LogitsChunks`` slices given logits (``logits.py``), ``fused.LinearChunks``
-recomputes hidden @ weight^T (the fused output layer). Everything here is written once against that interface.
+gradient of each chunk back: ``LogitsChunks`` slices given logits, ``fused.LinearChunks`` recomputes
+hidden @ weight^T (the fused output layer); ``head.LMHead`` runs every op on either. Everything here is written once
+against that interface.
 
 Rank r holds global ids [r*V/tp, (r+1)*V/tp); ids >= ``vocab_size`` are padding, sliced off before any softmax or
 top-K. All math is float32 on x = logits / T (T > 0).
