@@ -14,7 +14,9 @@ import torch
 
 from megatron_bpd.rollout import (ClientConfig, RolloutConfig, SamplingParams, SGLangClient, SGLangTeacher,
                                   generate_rollout)
+from megatron_bpd.gating import GateConfig
 from megatron_bpd.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, UpdateGroup
+from megatron_bpd.train.rollout_data import RolloutData, micro_batch
 from rollout_fixtures import free_port, load_reference, make_tiny_qwen3, num_finished, num_running, start_servers
 
 PROMPTS = [[5, 17, 42, 99, 7], [9, 9, 4], [250, 1, 3, 3, 60, 61, 12]]
@@ -106,10 +108,10 @@ def test_teacher_scores_match_reference(servers, model_dir):
         # at temperature 1 the teacher scores of the student's own model equal the behavior log-probs
         torch.testing.assert_close(scores.token_logprobs[b], torch.tensor(batch.behavior_logprobs[b]), atol=1e-5,
                                    rtol=0)
-    token_lp, topk_ids, _ = scores.to_packed(batch)
-    packed = batch.to_packed()
-    assert token_lp.shape == packed.behavior_logprobs.shape and topk_ids.shape == (packed.tokens.shape[0], 5)
-    torch.testing.assert_close(token_lp, packed.behavior_logprobs, atol=1e-5, rtol=0)
+    # placed on the trainer's label positions, the two line up position by position
+    placed = micro_batch(RolloutData(batch, scores), range(len(batch)), 16, GateConfig())
+    assert placed.teacher_topk_ids.shape == (len(batch), 16, 5)
+    torch.testing.assert_close(placed.teacher_logprobs, placed.behavior_logprobs, atol=1e-5, rtol=0)
 
 
 def greedy_rollout(urls):

@@ -1,6 +1,8 @@
-"""Pure-Python parts of the rollout layer: batch views, reuse schedule, masks, weight-update payloads."""
+"""Pure-Python parts of the rollout layer: batch types, reuse schedule, masks, weight-update payloads."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_bpd.rollout import GenerateOutput, ProtocolError, TeacherScores, TrajectoryBatch, special_token_mask
-from megatron_bpd.rollout.reuse import ReuseBuffer, pack
+from megatron_bpd.rollout.reuse import reuse_schedule
 from megatron_bpd.rollout.rollout import behavior_logprobs
 from megatron_bpd.rollout.weight_sync import UpdateGroup, bucket_named_tensors, update_payload
 
@@ -19,18 +21,10 @@ def make_batch():
                            finish_reason=["stop", "length"], weight_version=["3", "3"], prompt_index=[0, 1])
 
 
-def test_packed_and_padded_views_align_tokens():
-    batch = make_batch()
-    packed = batch.to_packed()
-    assert packed.tokens.tolist() == [1, 2, 3, 6, 7, 4, 5, 8, 9, 10]
-    assert packed.cu_seqlens.tolist() == [0, 5, 10] and packed.position_ids.tolist() == [0, 1, 2, 3, 4] * 2
-    assert packed.loss_mask.tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 1, 1]
-    assert packed.behavior_logprobs.tolist() == pytest.approx([0, 0, 0, -0.5, -1.0, 0, 0, -0.1, -0.2, -0.3])
-    padded = batch.to_padded(pad_id=-1)
-    assert padded.tokens.tolist() == [[1, 2, 3, 6, 7], [4, 5, 8, 9, 10]]
-    assert padded.attention_mask.all() and padded.loss_mask[0].tolist() == [0, 0, 0, 1, 0]
-    short = batch.select([1, 0]).select([1])
-    assert short.to_padded().tokens.tolist() == [[1, 2, 3, 6, 7]] and short.finish_reason == ["stop"]
+def test_select_keeps_every_field_of_the_chosen_trajectories():
+    short = make_batch().select([1, 0]).select([1])
+    assert short.prompt_ids == [[1, 2, 3]] and short.response_ids == [[6, 7]] and short.finish_reason == ["stop"]
+    assert short.behavior_logprobs == [[-0.5, -1.0]] and short.loss_mask == [[1, 0]] and short.prompt_index == [0]
 
 
 def test_batch_validation_names_the_problem():
@@ -40,18 +34,9 @@ def test_batch_validation_names_the_problem():
         TrajectoryBatch([[1]], [[2]], [[-1.0]], [[1]], ["eos"], ["0"], [0])
 
 
-def test_teacher_scores_packed_alignment():
-    batch = make_batch()
-    scores = TeacherScores([torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0, -5.0])],
-                           [torch.tensor([[6, 1], [7, 2]]), torch.tensor([[8, 0], [9, 0], [10, 0]])],
-                           [torch.full((2, 2), -0.5), torch.full((3, 2), -0.7)])
-    lp, ids, tlp = scores.to_packed(batch)
-    assert lp.tolist() == [0, 0, 0, -1, -2, 0, 0, -3, -4, -5]
-    assert ids[:, 0].tolist() == [0, 0, 0, 6, 7, 0, 0, 8, 9, 10]
-    assert tlp[:, 0].tolist() == pytest.approx([0, 0, 0, -0.5, -0.5, 0, 0, -0.7, -0.7, -0.7])
-    back = TeacherScores.from_packed(batch, lp, ids, tlp)
-    for field in ("token_logprobs", "topk_ids", "topk_logprobs"):
-        assert all(torch.equal(a, b) for a, b in zip(getattr(back, field), getattr(scores, field)))
+def test_teacher_scores_validate_their_shapes():
+    scores = TeacherScores([torch.tensor([-1.0, -2.0])], [torch.tensor([[6, 1], [7, 2]])], [torch.full((2, 2), -0.5)])
+    assert scores.top_k == 2
     with pytest.raises(ValueError, match=r"\[T\], \[T, K\], \[T, K\]"):
         TeacherScores([torch.zeros(2)], [torch.zeros(3, 2)], [torch.zeros(3, 2)])
 
@@ -81,28 +66,29 @@ def test_behavior_logprobs_checks():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.integers(1, 50), min_size=4, max_size=40), st.integers(1, 4), st.integers(1, 3))
-def test_reuse_buffer_covers_every_trajectory_once_per_epoch(lengths, minibatches, epochs):
-    buffer = ReuseBuffer(lengths, epochs=epochs, num_minibatches=minibatches, token_budget=60, seed=3)
-    steps = list(buffer)
-    assert len(steps) == len(buffer) == epochs * minibatches
+@given(st.integers(1, 12), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2 ** 31))
+def test_reuse_schedule_covers_every_trajectory_once_per_epoch(per_minibatch, minibatches, epochs, seed):
+    n = per_minibatch * minibatches
+    steps = list(reuse_schedule(n, epochs, minibatches, seed))
+    assert [(mb.epoch, mb.index) for mb in steps] == [(e, m) for e in range(epochs) for m in range(minibatches)]
     for e in range(epochs):
-        seen = [i for mb in steps if mb.epoch == e for i in mb.indices]
-        assert sorted(seen) == list(range(len(lengths)))
-        sizes = [len(mb.indices) for mb in steps if mb.epoch == e]
-        assert max(sizes) - min(sizes) <= 1
-    for mb in steps:
-        assert all(sum(lengths[i] for i in micro) <= 60 for micro in mb.micro_batches)
-    assert [mb.indices for mb in steps] == [mb.indices for mb in buffer]  # seeded
+        assert sorted(i for mb in steps if mb.epoch == e for i in mb.rows) == list(range(n))
+    assert all(len(mb.rows) == per_minibatch and mb.rows == sorted(mb.rows) for mb in steps)
+    assert steps == list(reuse_schedule(n, epochs, minibatches, seed))  # seeded
 
 
-def test_reuse_buffer_shuffles_per_epoch_and_rejects_oversized():
-    steps = list(ReuseBuffer([10] * 16, epochs=2, num_minibatches=2, token_budget=40, seed=0))
-    assert steps[0].indices + steps[1].indices != steps[2].indices + steps[3].indices
-    assert all(len(micro) == 4 for mb in steps for micro in mb.micro_batches)
-    with pytest.raises(ValueError, match="more than the token budget"):
-        ReuseBuffer([10, 100], token_budget=50)
-    assert pack([0, 1, 2], [30, 30, 40], 70) == [[2, 0], [1]]
+def test_reuse_schedule_is_the_trainers_shuffle_and_rejects_uneven_minibatches():
+    """Epoch after epoch one random.Random(seed) shuffles the order that is cut into mini-batches (the trainer's
+    schedule since its first run: changing it changes every trained number)."""
+    rng, order = random.Random(11), []
+    for _ in range(2):
+        order.append(list(range(8)))
+        rng.shuffle(order[-1])
+    expected = [sorted(o[m * 4:(m + 1) * 4]) for o in order for m in range(2)]
+    assert [mb.rows for mb in reuse_schedule(8, 2, 2, 11)] == expected
+    assert expected[0] + expected[1] != expected[2] + expected[3]
+    with pytest.raises(ValueError, match="cannot fill 1 epochs x 3 equal mini-batches"):
+        list(reuse_schedule(8, 1, 3, 0))
 
 
 def test_distributed_update_payloads():

@@ -163,8 +163,8 @@ def _first_update_data(rank, world_size, config_path):
     from megatron_bpd.train.trainer import Trainer
 
     trainer = Trainer(load_config(config_path))
-    seen, update = [], trainer._update
-    trainer._update = lambda data, rows, *rest: (seen.append(data.trajectories.select(rows)), update(data, rows, *rest))
+    seen, update = [], trainer.update
+    trainer.update = lambda data, rows, *rest: (seen.append(data.trajectories.select(rows)), update(data, rows, *rest))
     trainer.run()
     return seen[0]
 
@@ -228,7 +228,7 @@ def _overlapped_run(rank, world_size, config_path, overrides, crash_at=None, kil
 
     trainer = Trainer(load_config(config_path, overrides))
     trained, killed = {}, []
-    update, rollout, train_step = trainer._update, trainer._rollout, trainer.train_step
+    update, rollout, train_step = trainer.update, trainer.sample, trainer.train_step
 
     def spy_update(data, rows, *rest):
         trained.setdefault(trainer.step, (data.trajectories, []))[1].append(list(rows))
@@ -245,7 +245,7 @@ def _overlapped_run(rank, world_size, config_path, overrides, crash_at=None, kil
             raise Crash()
         return train_step()
 
-    trainer._update, trainer._rollout, trainer.train_step = spy_update, killing_rollout, crashing_step
+    trainer.update, trainer.sample, trainer.train_step = spy_update, killing_rollout, crashing_step
     try:
         trainer.run()
     except Crash:
@@ -380,8 +380,8 @@ def _teacher_scores_agree(rank, world_size, config_path, teacher_dir):
     trainer = Trainer(load_config(config_path))
     try:
         prompts = trainer.dataset.next_batch(2)
-        trajectories, _ = trainer.servers.call(lambda client, _: trainer._rollout(client, None, 0, prompts))
-        inside = trainer._megatron_teacher_scores(RolloutData(trajectories))
+        trajectories, _ = trainer.servers.call(lambda client, _: trainer.sample(client, None, 0, prompts))
+        inside = trainer.passes.megatron_teacher_scores(RolloutData(trajectories))
     finally:
         trainer.servers.stop()
 

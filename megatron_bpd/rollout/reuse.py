@@ -1,70 +1,31 @@
-"""Serving one rollout batch for several optimizer steps: E epochs x M mini-batches, each mini-batch packed into
-micro-batches of at most ``token_budget`` tokens."""
+"""Serving one rollout batch for several optimizer steps: E epochs x M mini-batches of trajectory indices, each
+epoch a fresh seeded shuffle (the trainer cuts each mini-batch into micro-batches, ``train.rollout_data``)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence
-
-import torch
+from typing import Iterator
 
 
-@dataclass
+@dataclass(frozen=True)
 class MiniBatch:
-    """One optimizer step: ``micro_batches`` are lists of trajectory indices (select them from the batch and the
-    teacher scores, then ``to_packed()``)."""
+    """One optimizer step: mini-batch ``index`` of reuse epoch ``epoch``, on the trajectories ``rows`` (sorted)."""
 
     epoch: int
     index: int
-    micro_batches: list[list[int]]
-
-    @property
-    def indices(self) -> list[int]:
-        return [i for mb in self.micro_batches for i in mb]
+    rows: list[int]
 
 
-@dataclass
-class ReuseBuffer:
-    """Each epoch shuffles the trajectories (seeded by ``seed + epoch``), splits them into ``num_minibatches``
-    nearly equal mini-batches, and packs each first-fit-decreasing into micro-batches of <= ``token_budget``
-    tokens. ``lengths[i]`` is trajectory i's prompt + response length."""
-
-    lengths: Sequence[int]
-    epochs: int = 2
-    num_minibatches: int = 1
-    token_budget: int = 16384
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.num_minibatches < 1:
-            raise ValueError(f"epochs ({self.epochs}) and num_minibatches ({self.num_minibatches}) must be >= 1")
-        if len(self.lengths) < self.num_minibatches:
-            raise ValueError(f"{len(self.lengths)} trajectories cannot fill {self.num_minibatches} mini-batches")
-        too_long = [i for i, n in enumerate(self.lengths) if n > self.token_budget]
-        if too_long:
-            raise ValueError(f"trajectory {too_long[0]} has {self.lengths[too_long[0]]} tokens, more than the token "
-                             f"budget {self.token_budget} of a micro-batch")
-
-    def __len__(self) -> int:
-        return self.epochs * self.num_minibatches
-
-    def __iter__(self) -> Iterator[MiniBatch]:
-        for epoch in range(self.epochs):
-            order = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + epoch))
-            for index, chunk in enumerate(torch.tensor_split(order, self.num_minibatches)):
-                yield MiniBatch(epoch, index, pack(chunk.tolist(), self.lengths, self.token_budget))
-
-
-def pack(indices: list[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """First-fit decreasing: place each trajectory (longest first) into the first micro-batch with room."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(indices, key=lambda i: -lengths[i]):
-        slot = next((b for b, r in enumerate(room) if r >= lengths[i]), None)
-        if slot is None:
-            bins.append([])
-            room.append(budget)
-            slot = len(bins) - 1
-        bins[slot].append(i)
-        room[slot] -= lengths[i]
-    return bins
+def reuse_schedule(num_trajectories: int, epochs: int, minibatches: int, seed: int) -> Iterator[MiniBatch]:
+    """The ``epochs`` x ``minibatches`` optimizer steps of one rollout batch: each epoch shuffles the trajectory
+    indices (one ``random.Random(seed)`` for all epochs) and cuts the order into ``minibatches`` equal parts."""
+    if epochs < 1 or minibatches < 1 or num_trajectories % minibatches:
+        raise ValueError(f"{num_trajectories} trajectories cannot fill {epochs} epochs x {minibatches} equal "
+                         f"mini-batches")
+    rng, size = random.Random(seed), num_trajectories // minibatches
+    for epoch in range(epochs):
+        order = list(range(num_trajectories))
+        rng.shuffle(order)
+        for index in range(minibatches):
+            yield MiniBatch(epoch, index, sorted(order[index * size:(index + 1) * size]))

@@ -1,8 +1,8 @@
-"""Trajectory batches and teacher scores, with the packed and padded tensor views the trainer consumes.
+"""A rollout's trajectories and a teacher's scores of them, as per-trajectory lists (the trainer places them on
+label positions: ``train.rollout_data``).
 
-Alignment convention of every tensor view: position i refers to token i of the sequence ``prompt + response``.
-``loss_mask[i] = 1`` marks a response token that is trained on, and ``behavior_logprobs[i]`` is
-log pi_old(token_i | tokens_<i). The trainer's logits at position i - 1 predict token i (shift before use).
+Every per-response array of trajectory b has one entry per response token y_t: ``behavior_logprobs[b][t]`` is
+log pi_behavior(y_t | x, y_<t) and ``loss_mask[b][t] = 1`` marks a token that is trained on.
 """
 
 from __future__ import annotations
@@ -13,27 +13,6 @@ from typing import Sequence
 import torch
 
 from megatron_bpd.rollout.protocol import FINISH_REASONS
-
-
-@dataclass
-class PackedBatch:
-    """Sequences concatenated without padding (THD layout). N = total tokens, B = sequences."""
-
-    tokens: torch.Tensor  # [N] int64
-    position_ids: torch.Tensor  # [N] int64, restarting at 0 for each sequence
-    cu_seqlens: torch.Tensor  # [B + 1] int32, sequence b occupies [cu_seqlens[b], cu_seqlens[b + 1])
-    loss_mask: torch.Tensor  # [N] float32
-    behavior_logprobs: torch.Tensor  # [N] float32, 0 outside the response
-
-
-@dataclass
-class PaddedBatch:
-    """Sequences right-padded to the longest one. L = longest prompt + response."""
-
-    tokens: torch.Tensor  # [B, L] int64, pad_id beyond each sequence
-    attention_mask: torch.Tensor  # [B, L] bool
-    loss_mask: torch.Tensor  # [B, L] float32
-    behavior_logprobs: torch.Tensor  # [B, L] float32
 
 
 @dataclass
@@ -70,49 +49,11 @@ class TrajectoryBatch:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
-    def lengths(self) -> list[int]:
-        """Total tokens (prompt + response) of each trajectory."""
-        return [len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids)]
-
     def select(self, indices: Sequence[int]) -> "TrajectoryBatch":
         pick = lambda values: [values[i] for i in indices]  # noqa: E731
         return TrajectoryBatch(pick(self.prompt_ids), pick(self.response_ids), pick(self.behavior_logprobs),
                                pick(self.loss_mask), pick(self.finish_reason), pick(self.weight_version),
                                pick(self.prompt_index), self.temperature)
-
-    def _rows(self):
-        """Per trajectory: (tokens, loss_mask, behavior_logprobs) over prompt + response positions."""
-        for prompt, resp, lps, mask in zip(self.prompt_ids, self.response_ids, self.behavior_logprobs, self.loss_mask):
-            pad = [0] * len(prompt)
-            yield prompt + resp, pad + list(mask), [0.0] * len(prompt) + list(lps)
-
-    def to_packed(self) -> PackedBatch:
-        rows = list(self._rows())
-        lengths = torch.tensor([len(r[0]) for r in rows], dtype=torch.int64)
-        cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lengths, 0)
-        starts = torch.repeat_interleave(cu[:-1].long(), lengths)
-        return PackedBatch(
-            tokens=torch.tensor([t for r in rows for t in r[0]], dtype=torch.int64),
-            position_ids=torch.arange(int(cu[-1])) - starts,
-            cu_seqlens=cu,
-            loss_mask=torch.tensor([m for r in rows for m in r[1]], dtype=torch.float32),
-            behavior_logprobs=torch.tensor([lp for r in rows for lp in r[2]], dtype=torch.float32),
-        )
-
-    def to_padded(self, pad_id: int = 0) -> PaddedBatch:
-        rows = list(self._rows())
-        length = max((len(r[0]) for r in rows), default=0)
-        out = PaddedBatch(tokens=torch.full((len(rows), length), pad_id, dtype=torch.int64),
-                          attention_mask=torch.zeros(len(rows), length, dtype=torch.bool),
-                          loss_mask=torch.zeros(len(rows), length), behavior_logprobs=torch.zeros(len(rows), length))
-        for b, (tokens, mask, lps) in enumerate(rows):
-            n = len(tokens)
-            out.tokens[b, :n] = torch.tensor(tokens)
-            out.attention_mask[b, :n] = True
-            out.loss_mask[b, :n] = torch.tensor(mask, dtype=torch.float32)
-            out.behavior_logprobs[b, :n] = torch.tensor(lps)
-        return out
 
 
 @dataclass
@@ -140,32 +81,3 @@ class TeacherScores:
     @property
     def top_k(self) -> int:
         return self.topk_ids[0].shape[1] if self.topk_ids else 0
-
-    def select(self, indices: Sequence[int]) -> "TeacherScores":
-        return TeacherScores([self.token_logprobs[i] for i in indices], [self.topk_ids[i] for i in indices],
-                             [self.topk_logprobs[i] for i in indices])
-
-    @classmethod
-    def from_packed(cls, batch: TrajectoryBatch, token_logprobs: torch.Tensor, topk_ids: torch.Tensor,
-                    topk_logprobs: torch.Tensor) -> "TeacherScores":
-        """The inverse of ``to_packed``: a teacher inside the trainer computes [N], [N, K], [N, K] on the layout of
-        ``batch.to_packed()`` (position i scores token i, from the logits at i - 1) and keeps the response part."""
-        cu = batch.to_packed().cu_seqlens.tolist()
-        spans = [slice(cu[b + 1] - len(r), cu[b + 1]) for b, r in enumerate(batch.response_ids)]
-        return cls([token_logprobs[s] for s in spans], [topk_ids[s] for s in spans], [topk_logprobs[s] for s in spans])
-
-    def to_packed(self, batch: TrajectoryBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Place the scores at the response positions of ``batch.to_packed()``: ([N], [N, K] ids, [N, K]);
-        zeros at prompt positions."""
-        if len(batch) != len(self.token_logprobs):
-            raise ValueError(f"TeacherScores has {len(self.token_logprobs)} trajectories, batch has {len(batch)}")
-        parts = ([], [], [])
-        for b, prompt in enumerate(batch.prompt_ids):
-            if self.token_logprobs[b].shape[0] != len(batch.response_ids[b]):
-                raise ValueError(f"trajectory {b}: {self.token_logprobs[b].shape[0]} teacher scores for "
-                                 f"{len(batch.response_ids[b])} response tokens")
-            p, k = len(prompt), self.top_k
-            parts[0].extend([torch.zeros(p), self.token_logprobs[b].float()])
-            parts[1].extend([torch.zeros(p, k, dtype=torch.int64), self.topk_ids[b].long()])
-            parts[2].extend([torch.zeros(p, k), self.topk_logprobs[b].float()])
-        return tuple(torch.cat(part) for part in parts)

@@ -16,20 +16,20 @@ class MicroBatch:
     logits the model produces at input position t (``labels`` are the inputs shifted left by one).
 
     tokens, labels, position_ids: ``[b, s]`` int64; loss_mask: ``[b, s]`` bool (response tokens sampled by the
-    student); old_logprobs: ``[b, s]`` log-probs of the labels under the behavior student; segment_ids: ``[b, s]``
-    the gate's segments (``plan.segment_ids`` or a CP rank's share of it); teacher_logprobs ``[b, s]`` (sampled-token
-    loss) or teacher_topk_ids / teacher_topk_logprobs ``[b, s, K]`` (LSM loss); train_mask ``[b, s]`` bool: the
-    positions the loss trains on when a filter (the top-entropy one) keeps only some of ``loss_mask`` (None: all);
-    behavior_logprobs ``[b, s]``: the sampler's log-probs (the rollout's), read by ``loss.drift_control``
-    (None: not needed).
+    student); segment_ids: ``[b, s]`` the gate's segments (``plan.segment_ids`` or a CP rank's share of it);
+    old_logprobs: ``[b, s]`` log-probs of the labels under pi_old (None in the no-grad scoring passes, which do not
+    read them); teacher_logprobs ``[b, s]`` (sampled-token loss) or teacher_topk_ids / teacher_topk_logprobs
+    ``[b, s, K]`` (LSM loss); train_mask ``[b, s]`` bool: the positions the loss trains on when a filter (the
+    top-entropy one) keeps only some of ``loss_mask`` (None: all); behavior_logprobs ``[b, s]``: the sampler's
+    log-probs (the rollout's), read by ``loss.drift_control``.
     """
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor
-    old_logprobs: torch.Tensor
     segment_ids: torch.Tensor
     plan: SegmentPlan
+    old_logprobs: Optional[torch.Tensor] = None
     position_ids: Optional[torch.Tensor] = None
     teacher_logprobs: Optional[torch.Tensor] = None
     teacher_topk_ids: Optional[torch.Tensor] = None
@@ -65,5 +65,4 @@ class MicroBatch:
         return dataclasses.replace(self, **moved)
 
 
-_PER_POSITION = ("tokens", "labels", "loss_mask", "old_logprobs", "segment_ids", "position_ids", "teacher_logprobs",
-                 "teacher_topk_ids", "teacher_topk_logprobs", "train_mask", "behavior_logprobs")
+_PER_POSITION = tuple(f.name for f in dataclasses.fields(MicroBatch) if f.name != "plan")  # [b, s, ...] each

@@ -19,8 +19,12 @@ Megatron model, so the number is the same under every parallel layout.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
+import torch.distributed as dist
 
 from ..eval.passk import mean_pass_at_k
 from ..rollout.client import SGLangClient, gather_all
@@ -108,3 +112,85 @@ def flat_eval_metrics(result: dict, prefix: str = "eval") -> Dict[str, float]:
     for d, group in result.get("by_difficulty", {}).items():
         out.update({f"{prefix}_{k}_{d}": group[k] for k in scalar(group)})
     return out
+
+
+class Evaluator:
+    """``evaluator(feed, done, with_teacher)``: the held-out evaluation after ``done`` training steps, on every rank.
+    Rank 0 has the servers (through the ``RolloutFeed`` ``feed``, at weight version ``done``) evaluate the student
+    (and with ``with_teacher`` the teacher) on ``prompts`` and sample the probe with ``sampler``
+    (``rollout_feed.Sampler``); every rank then computes the probe's support KL with ``passes``
+    (``passes.ScoringPasses``). Rank 0 appends the result to ``out/evals.jsonl`` and returns the flat scalars
+    (other ranks: {})."""
+
+    def __init__(self, config, prompts: Sequence[Prompt], tokenizer, checker: Callable, sampler, passes, out: Path):
+        self.config, self.prompts, self.tokenizer, self.checker = config, prompts, tokenizer, checker
+        self.sampler, self.passes, self.path = sampler, passes, Path(out) / "evals.jsonl"
+
+    def __call__(self, feed, done: int, with_teacher: bool = False) -> dict:
+        main = dist.get_rank() == 0
+        result, probe = None, [None]
+        if main:  # on servers holding the trainer's current weights (version ``done``)
+            result, probe[0] = feed.call(done, lambda client, teacher: self._evaluate(client, teacher, with_teacher))
+        dist.broadcast_object_list(probe, src=0)
+        support_kl = self.passes.probe_support_kl(*probe[0]) if probe[0] is not None else None
+        if not main:
+            return {}
+        result["step"] = done
+        if support_kl is not None:
+            result["support_kl"] = support_kl
+        with open(self.path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        flat = flat_eval_metrics(result["student"])
+        if support_kl is not None:
+            flat["probe_support_kl"] = support_kl
+        return flat
+
+    async def _evaluate(self, client, teacher_client, with_teacher: bool):
+        """({"student": result, "teacher": result (with ``with_teacher``)}, the probe's (trajectories, teacher
+        scores) or None)."""
+        c, r = self.config, self.config.rollout
+        run = lambda target: evaluate_policy(target, self.prompts, self.tokenizer, self.checker,  # noqa: E731
+                                             r.max_new_tokens, c.eval.samples, r.temperature, r.top_p, c.eval.seed)
+        probe_ids = [p.token_ids for p in self.prompts[:c.eval.probe_prompts]]
+
+        async def nothing():
+            return None
+        # the student's and the teacher's evaluations and the probe run side by side: all their requests in flight
+        student, teacher, probed = await gather_all([
+            run(client), run(teacher_client) if with_teacher and teacher_client is not None else nothing(),
+            self.sampler.sample(client, teacher_client, probe_ids, c.eval.probe_samples, c.eval.seed + 7919)
+            if c.eval.probe_prompts and teacher_client is not None else nothing()])
+        return {"student": student} | ({"teacher": teacher} if teacher is not None else {}), probed
+
+
+def rollout_stats(prompts: Sequence[Prompt], trajectories: TrajectoryBatch, tokenizer, checker: Optional[Callable]
+                  ) -> Dict[str, float]:
+    """A training rollout's response length, truncated and aborted fractions and, with an answer ``checker``, its
+    solve rate overall and by difficulty (``solve_rate_<d>``)."""
+    lengths = [len(r) for r in trajectories.response_ids]
+    stats = {"response_length": sum(lengths) / max(len(lengths), 1),
+             "truncated_fraction": sum(f == "length" for f in trajectories.finish_reason) / len(lengths),
+             "aborted_fraction": sum(f == "abort" for f in trajectories.finish_reason) / len(lengths)}
+    if checker is not None:
+        answers = [prompts[i].answer for i in trajectories.prompt_index]
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in trajectories.response_ids]
+        scored = [(checker(t, a), prompts[i].difficulty)
+                  for t, a, i in zip(texts, answers, trajectories.prompt_index) if a is not None]
+        stats["solve_rate"] = sum(ok for ok, _ in scored) / len(scored) if scored else float("nan")
+        stats.update(solve_rate_by_difficulty(*zip(*scored)) if scored else {})
+    return stats
+
+
+def answer_checker(name: str) -> Optional[Callable]:
+    """``check(response_text, answer) -> bool`` by name (``DataSettings.answer_checker``, validated there): "math"
+    (math-verify on the last \\boxed{}), a synthetic task's name or "arithmetic" (their exact answer-line
+    checker), or "none"."""
+    if name == "none":
+        return None
+    if name == "math":
+        from ..eval.answers import is_correct
+
+        return is_correct
+    from ..tasks.common import check
+
+    return check

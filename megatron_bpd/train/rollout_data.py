@@ -6,13 +6,14 @@ model's logits at input position i score token i + 1.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..gating import GateConfig, newline_span_starts, plan_segments
 from ..rollout.types import TeacherScores, TrajectoryBatch
 from .batch import MicroBatch
+from .scoring import gather_cp
 
 
 @dataclass
@@ -30,6 +31,18 @@ class RolloutData:
     def num_tokens(self, rows: Sequence[int]) -> torch.Tensor:
         return torch.tensor(sum(sum(self.trajectories.loss_mask[b]) for b in rows), dtype=torch.int64)
 
+    def per_token(self, b: int) -> Dict[str, torch.Tensor]:
+        """Trajectory b's per-response arrays that a micro-batch places at label positions, by ``MicroBatch``
+        field: the sampler's log-probs, pi_old's where this rank has them, the teacher's scores where there are
+        some. A new per-token input of the loss is one more entry here and a ``MicroBatch`` field."""
+        arrays = {"behavior_logprobs": torch.tensor(self.trajectories.behavior_logprobs[b])}
+        if self.old_logprobs:
+            arrays["old_logprobs"] = self.old_logprobs[b]
+        if self.teacher is not None:
+            arrays.update(teacher_logprobs=self.teacher.token_logprobs[b], teacher_topk_ids=self.teacher.topk_ids[b],
+                          teacher_topk_logprobs=self.teacher.topk_logprobs[b])
+        return arrays
+
 
 def padded_length(data: RolloutData, rows: Sequence[int], multiple: int) -> int:
     """Label positions of the longest trajectory of ``rows``, rounded up to ``multiple``."""
@@ -38,19 +51,17 @@ def padded_length(data: RolloutData, rows: Sequence[int], multiple: int) -> int:
 
 
 def micro_batch(data: RolloutData, rows: Sequence[int], seq_len: int, gate: GateConfig, *, pad_id: int = 0,
-                newline_ids: Sequence[int] = (), with_old: bool = True, with_behavior: bool = False) -> MicroBatch:
-    """The padded ``[len(rows), seq_len]`` micro-batch of trajectories ``rows`` (plan of the gate included; with
-    ``with_behavior`` the sampler's log-probs too)."""
-    traj, teacher = data.trajectories, data.teacher
-    n = len(rows)
+                newline_ids: Sequence[int] = ()) -> MicroBatch:
+    """The padded ``[len(rows), seq_len]`` micro-batch of trajectories ``rows``: tokens, labels, the loss mask, the
+    gate's plan and every array of ``RolloutData.per_token`` (zeros outside the responses)."""
+    traj, n = data.trajectories, len(rows)
     tokens = torch.full((n, seq_len + 1), pad_id, dtype=torch.int64)
     mask = torch.zeros(n, seq_len, dtype=torch.bool)
-    old = torch.zeros(n, seq_len)
-    behavior = torch.zeros(n, seq_len) if with_behavior else None
     starts = torch.zeros(n, dtype=torch.int64)
-    k = teacher.top_k if teacher is not None else 0
-    teacher_lp, top_ids, top_lp = torch.zeros(n, seq_len), torch.zeros(n, seq_len, max(k, 1), dtype=torch.int64), \
-        torch.zeros(n, seq_len, max(k, 1))
+    arrays = [data.per_token(b) for b in rows]
+    placed = {name: torch.zeros(n, seq_len, *value.shape[1:],
+                                dtype=torch.float32 if value.is_floating_point() else torch.int64)
+              for name, value in arrays[0].items()}
     for i, b in enumerate(rows):
         sequence = traj.prompt_ids[b] + traj.response_ids[b]
         if len(sequence) - 1 > seq_len:
@@ -60,25 +71,56 @@ def micro_batch(data: RolloutData, rows: Sequence[int], seq_len: int, gate: Gate
         span = slice(p - 1, p - 1 + t)
         starts[i] = p - 1
         mask[i, span] = data.response_mask(b)
-        if with_old:
-            old[i, span] = data.old_logprobs[b]
-        if with_behavior:
-            behavior[i, span] = torch.tensor(traj.behavior_logprobs[b])
-        if teacher is not None:
-            teacher_lp[i, span] = teacher.token_logprobs[b]
-            top_ids[i, span] = teacher.topk_ids[b]
-            top_lp[i, span] = teacher.topk_logprobs[b]
+        for name, value in arrays[i].items():
+            placed[name][i, span] = value
     labels = tokens[:, 1:]
     span_starts = None
     if gate.granularity == "span":
         span_starts = newline_span_starts(labels, newline_ids, min_len=gate.span_min_len, max_len=gate.span_max_len,
                                           fallback_block=gate.span_fallback_block, response_starts=starts)
     plan = plan_segments((n, seq_len), gate, response_starts=starts, span_starts=span_starts)
-    return MicroBatch(tokens=tokens[:, :-1], labels=labels, loss_mask=mask, old_logprobs=old,
-                      segment_ids=plan.segment_ids, plan=plan,
-                      teacher_logprobs=teacher_lp if teacher is not None else None,
-                      teacher_topk_ids=top_ids if teacher is not None else None,
-                      teacher_topk_logprobs=top_lp if teacher is not None else None, behavior_logprobs=behavior)
+    return MicroBatch(tokens=tokens[:, :-1], labels=labels, loss_mask=mask, segment_ids=plan.segment_ids, plan=plan,
+                      **placed)
+
+
+@dataclass
+class MicroBatcher:
+    """A set of a step's trajectories as this rank's micro-batches, and back: DP rank r of D takes rows r, r + D,
+    ... in micro-batches of ``size``, all padded to the longest label length of the set (rounded up to 2 x CP),
+    each split for this CP rank (``dp``, ``cp``: (rank, world size)) and moved to ``device``."""
+
+    gate: GateConfig
+    size: int
+    pad_id: int = 0
+    newline_ids: Sequence[int] = ()
+    dp: Tuple[int, int] = (0, 1)
+    cp: Tuple[int, int] = (0, 1)
+    device: Union[str, torch.device] = "cpu"
+
+    def __call__(self, data: RolloutData, rows: List[int]) -> Tuple[List[int], List[MicroBatch], int]:
+        """(this DP rank's share of ``rows``, its CP-split micro-batches, the padded length)."""
+        (dp_rank, dp), (cp_rank, cp) = self.dp, self.cp
+        seq_len = padded_length(data, rows, 2 * cp if cp > 1 else 1)
+        mine = rows[dp_rank::dp]
+        batches = [micro_batch(data, mine[i:i + self.size], seq_len, self.gate, pad_id=self.pad_id,
+                               newline_ids=self.newline_ids).split_for_cp(cp, cp_rank).to(self.device)
+                   for i in range(0, len(mine), self.size)]
+        return mine, batches, seq_len
+
+    def per_trajectory(self, data: RolloutData, mine: List[int], outputs: List[dict], seq_len: int,
+                       keys: Optional[Sequence[str]] = None, wanted: Callable[[int], bool] = lambda b: True
+                       ) -> Dict[int, Dict[str, torch.Tensor]]:
+        """This DP rank's per-micro-batch outputs ``[b, s/cp, ...]`` (the ``keys`` of them, default all) cut into
+        per-trajectory response arrays (CPU) of the trajectories ``wanted``: {trajectory: {key: [T_b, ...]}}.
+        Every CP rank of the last stage calls it (the CP shares are gathered)."""
+        result = {}
+        for i, out in enumerate(outputs):
+            chunk = mine[i * self.size:(i + 1) * self.size]
+            for key in (keys or out.keys()):
+                for b, piece in zip(chunk, response_slices(data, chunk, gather_cp(out[key], seq_len))):
+                    if wanted(b):
+                        result.setdefault(b, {})[key] = piece.cpu()
+        return result
 
 
 def response_slices(data: RolloutData, rows: Sequence[int], per_position: torch.Tensor) -> List[torch.Tensor]:

@@ -2,16 +2,21 @@
 
 Every rank draws the prompts of steps step .. step + k in order (k = ``rollout.max_staleness``), so that all ranks
 keep the same dataset position; rank 0 submits them to the producer, takes each step's finished rollout and
-broadcasts it. The trainer never talks HTTP: it hands its weights over (``push``) and consumes rollouts (``next``).
+broadcasts it. The trainer never talks HTTP: it hands its weights over (``sync_weights``) and consumes rollouts
+(``next``); the producer samples each step with a ``Sampler``.
 """
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch.distributed as dist
 
+from ..rollout.client import SGLangClient
 from ..rollout.producer import RolloutProducer, StepRollout
+from ..rollout.protocol import SamplingParams
+from ..rollout.rollout import RolloutConfig, generate_rollout
 from ..rollout.servers import ServerGroup, ServerSet
+from ..rollout.teacher import SGLangTeacher
 from .config import TrainConfig
 from .data import PromptDataset
 
@@ -22,6 +27,35 @@ def servers_from_config(c: TrainConfig, out: Path) -> ServerSet:
     teacher = ServerGroup(c.teacher.servers, c.teacher.model, 1, c.teacher.api_key) \
         if c.teacher.source == "sglang" else None
     return ServerSet(student, teacher, out / "logs", c.rollout.max_concurrency, c.rollout.request_timeout_s)
+
+
+class Sampler:
+    """``await sampler(student, teacher, step, prompts)`` -> (step ``step``'s trajectories, n samples of each prompt
+    seeded by the step, and the served teacher's scores of them or None); runs in the rollout producer's thread.
+    ``mask_ids``: the token ids of ``rollout.mask_special_tokens``."""
+
+    def __init__(self, config: TrainConfig, mask_ids: Sequence[int]):
+        self.config, self.mask_ids = config, list(mask_ids)
+
+    async def sample(self, client: SGLangClient, teacher_client: Optional[SGLangClient], prompt_ids, n_samples: int,
+                     seed: int):
+        """(``n_samples`` responses of ``client`` to each of ``prompt_ids`` with the rollout's sampling settings,
+        the teacher's scores of them or None without ``teacher_client``): the training rollouts and the support-KL
+        probe sample alike."""
+        r = self.config.rollout
+        sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_new_tokens=r.max_new_tokens, stop_token_ids=list(r.stop_token_ids) or None)
+        config = RolloutConfig(n_samples=n_samples, sampling=sampling, seed=seed, mask_token_ids=self.mask_ids)
+        trajectories = await generate_rollout(client, prompt_ids, config)
+        scores = None
+        if teacher_client is not None:
+            scores = await SGLangTeacher(teacher_client, self.config.teacher.top_k).score(trajectories)
+        return trajectories, scores
+
+    async def __call__(self, client: SGLangClient, teacher_client: Optional[SGLangClient], step: int, prompts):
+        sampler = teacher_client if self.config.rollout.policy == "teacher" else client
+        return await self.sample(sampler, teacher_client, [p.token_ids for p in prompts],
+                                 self.config.rollout.samples_per_prompt, self.config.seed * 1000003 + step * 10007)
 
 
 class RolloutFeed:
@@ -43,9 +77,15 @@ class RolloutFeed:
         self.prompts, self.data_states = {}, {}
         self.drawn = first_step
 
-    def push(self, version: int, weights) -> None:
-        """Rank 0: the trainer's weights of ``version`` (the student it holds when it starts step ``version``)."""
-        self.producer.push(version, weights)
+    def sync_weights(self, version: int, model) -> None:
+        """Gather the full weights of ``model`` (a collective over each model-parallel group) and on rank 0 hand a
+        CPU copy to the producer as ``version`` (the student the trainer holds when it starts step ``version``)."""
+        from ..models.qwen3 import iter_hf_weights
+
+        main = self.producer is not None
+        weights = [(name, tensor.detach().cpu().clone()) if main else None for name, tensor in iter_hf_weights(model)]
+        if main:
+            self.producer.push(version, weights)
 
     def call(self, version: int, fn):
         """Rank 0: ``await fn(student_client, teacher_client)`` on servers holding weight ``version``."""
@@ -78,3 +118,13 @@ class RolloutFeed:
         self.dataset.load_state(self.data_state(next_step))
         if self.producer is not None:
             self.producer.close()
+
+
+def staleness(versions, step: int, max_staleness: int) -> dict:
+    """staleness_mean / staleness_max of a step's trajectories: step - the weight version that sampled each one.
+    More than ``max_staleness`` is a bug of the producer, never trained on."""
+    ages = [step - int(v) for v in versions]
+    if ages and max(ages) > max_staleness:
+        raise RuntimeError(f"step {step}: a trajectory of weight version {step - max(ages)} is older than "
+                           f"rollout.max_staleness={max_staleness}")
+    return {"staleness_mean": sum(ages) / max(len(ages), 1), "staleness_max": max(ages, default=0)}

@@ -1,6 +1,7 @@
 """Wrap a model for training the way Megatron-Core does: its DDP (gradient buffers, DP x CP reduction),
 ``finalize_model_grads`` (tied-embedding and qk-layernorm gradient sums across stages and TP ranks) and its
-optimizer (optionally the distributed optimizer that shards optimizer state over DP)."""
+optimizer (optionally the distributed optimizer that shards optimizer state over DP); bf16 models in Megatron's
+Float16Module (``mixed_precision``)."""
 
 import torch
 
@@ -61,3 +62,12 @@ def zero_grads(ddp_model, optimizer) -> None:
     """Clear the DDP gradient buffers and the optimizer's gradients before a new optimizer step."""
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
+
+
+def mixed_precision(model):
+    """bf16 models run inside Megatron's Float16Module (bf16 activations, float32 logits on the last stage)."""
+    if not model.config.bf16:
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model)
