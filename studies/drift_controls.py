@@ -46,7 +46,8 @@ REGIMES = {"reuse": Regime(2, 4, 0), "stale2": Regime(1, 2, 2), "stale4": Regime
 ARMS = ("none", "proximal", "gate", "token_drop", "icepop", "tis", "seq_mask", "m2po", "advantage_current")
 LABELS = {"none": "no control", "proximal": "proximal pi_old (recompute)", "gate": f"Block{BLOCK} gate",
           "token_drop": "token drop (prime-rl)", "icepop": "ICE-POP (NeMo-RL)", "tis": "TIS (verl, slime)",
-          "seq_mask": "sequence mask (NeMo-RL)", "m2po": "M2PO", "advantage_current": "advantage from current (AsyncOPD)"}
+          "seq_mask": "sequence mask (NeMo-RL)", "m2po": "M2PO",
+          "advantage_current": "advantage from current (AsyncOPD)"}
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ def report(summary: dict, arms: list, args) -> str:
         versus = "\n".join(f"| {c['label']} | {c['reference']} | {_fmt(c['pass8'])} | {_fmt(c['pass1'])} | "
                            f"{_fmt(c['greedy'])} |" for c in summary["comparisons"].values()
                            if c["regime"] == regime and c["pass1"]["n"])
-        sections.append(f"""## {regime}: {r.epochs * r.minibatches} updates per rollout, lr {r.lr:g}, staleness k = {r.staleness}
+        title = f"{regime}: {r.epochs * r.minibatches} updates per rollout, lr {r.lr:g}, staleness k = {r.staleness}"
+        sections.append(f"""## {title}
 
 | arm | seeds | greedy | pass@1 | pass@8 | masked fraction | seconds |
 |---|---|---|---|---|---|---|

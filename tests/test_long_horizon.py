@@ -1,8 +1,9 @@
 """The long-horizon study's bookkeeping on synthetic runs: arms and their references, the results.json row with
-the locality measures, paired comparisons with intervals, and the report."""
+the locality measures, paired comparisons with intervals, and the report; and --quick end to end."""
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,21 @@ def test_row_comparisons_and_report():
     text = report(summary, [ref, gated], args)
     assert "sampled-token + Block64" in text and "+0.030 [" in text
     assert premise_gains(rows)[(24, 8)]["mean"] == pytest.approx(0.16)
+
+
+@pytest.mark.slow
+@pytest.mark.newest_only
+def test_quick_runs_the_long_horizon_path_end_to_end(tmp_path):
+    """--quick: one 2-step run of the shipped running-sum pair at the shortest horizon through the trainer and the
+    embedded servers; results.json has the issue's fields, the drift trace carries token ids, --quick refuses docs/."""
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit):
+        LongHorizon().main(["--quick", "--out", str(root / "docs" / "results" / "long_horizon_quick")])
+    summary = LongHorizon().main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    (r,) = summary["runs"]
+    fields = ("task", "horizon", "arm", "loss", "granularity", "block_size", "tau", "updates_per_rollout", "seed",
+              "split", "n_eval", "greedy", "pass1", "pass8", "response_tokens_median", "drift_top10_share",
+              "gate_min", "gate_std")
+    assert set(fields) <= set(r) and r["task"] == "running_sum" and r["horizon"] == 4 and r["split"] == "dev"
+    assert r["n_eval"] == 8 and 0 <= r["greedy"] <= 1 and 0 <= r["pass1"] <= 1 and r["response_tokens_median"] > 20
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# The gate at a long horizon")

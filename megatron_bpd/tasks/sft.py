@@ -234,8 +234,8 @@ def recipe(task: str = "addition", seed: int = 0) -> PrepConfig:
     if task == "running_sum":
         return PrepConfig(seed=seed, task=task, difficulties=(2, 24), n_train=20000, n_test=200,
                           teacher=ModelSpec(steps=2500, noise=0.1),
-                          # not placed yet (0.3-0.6 at 24 items wanted): at 24 items 600 and 1000 steps gave 0.00,
-                          # 1400 gave 1.00 (about 9 problems each); the next try lies between
+                          # 0.51 greedy at 22 items (the study's long horizon), 0.13 at 24; 1000 steps gave 0.00 at
+                          # 23-24 items, 1400 steps 1.00 at 24 (about 9 problems each)
                           student=ModelSpec(steps=1200))
     raise ValueError(f"no recipe for task {task!r}")
 
