@@ -4,6 +4,8 @@ For each model (``student``: the shipped task student, hidden 128; ``hidden256``
 by ``megatron_bpd.models.tiny.make_tiny_qwen3``) and each batch size B, with one torch thread:
   engine: B requests (a ``--prompt-len`` random prompt, ``--new-tokens`` sampled tokens each, EOS ignored,
           return_logprob) submitted at once to ``megatron_bpd.serve.engine.Engine``, driven directly (no HTTP);
+  compiled (``--compile``): the same with ``Engine(compile=True)`` (the decode step through torch.compile; the
+          seconds its start takes, compilation included, are printed);
   hf:     ``model.generate`` on the same batch and sampling settings (do_sample, same temperature and top-p,
           top-k off, exactly ``--new-tokens`` tokens; no log-probs returned);
   roofline: the core's measured fp32 matmul rate (best 512x512x512 GEMM) / the model's FLOPs per token
@@ -50,13 +52,17 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (batch, length), generator=g).tolist()
 
 
-def engine_rate(package: str, model, batch: list[list[int]], args) -> float:
-    """Completion tokens / s of ``package``'s Engine on ``batch`` (best of ``args.repeats``)."""
+def engine_rate(package: str, model, batch: list[list[int]], args, **options) -> float:
+    """Completion tokens / s of ``package``'s Engine (constructed with ``options``) on ``batch`` (best of
+    ``args.repeats``)."""
     engine_module = importlib.import_module(f"{package}.engine")
     row = importlib.import_module(f"{package}.sampling").SamplingRow
-    engine = engine_module.Engine(lambda: (model, None), max_running=max(len(batch), 1))
+    engine = engine_module.Engine(lambda: (model, None), max_running=max(len(batch), 1), **options)
+    start = time.perf_counter()
     engine.start()
     engine.loaded.wait()
+    if options:
+        print(f"engine {options} started in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     best = 0.0
     try:
         for repeat in range(args.repeats + 1):  # the first run warms up
@@ -66,7 +72,8 @@ def engine_rate(package: str, model, batch: list[list[int]], args) -> float:
                 params=SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature,
                                       top_p=args.top_p, ignore_eos=True),
                 sampling=row(args.temperature, args.top_p, -1, torch.Generator().manual_seed(repeat * 1000 + i)),
-                notify=lambda s, n, done=done: done.release() if s.finish is not None else None) for i, p in enumerate(batch)]
+                notify=lambda s, n, done=done: done.release() if s.finish is not None else None)
+                for i, p in enumerate(batch)]
             start = time.process_time()
             engine.submit([[s] for s in seqs])
             for _ in seqs:
@@ -123,6 +130,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs (after one warm-up)")
     parser.add_argument("--baseline", help="also time the engine of this package (same API), e.g. old_serve")
+    parser.add_argument("--compile", action="store_true", help="also time the engine with compile=True")
     parser.add_argument("--json", help="write {'rows': [...]} here")
     parser.add_argument("--smoke", action="store_true", help="seconds: the student, batch 1 and 2, 4 new tokens")
     args = parser.parse_args()
@@ -140,6 +148,8 @@ def main() -> None:
                 batch = prompts(b, args.prompt_len, model.config.vocab_size)
                 row = {"model": name, "batch": b, "engine_tokens_per_s": engine_rate("megatron_bpd.serve", model,
                                                                                      batch, args)}
+                if args.compile:
+                    row["compiled_tokens_per_s"] = engine_rate("megatron_bpd.serve", model, batch, args, compile=True)
                 if args.baseline:
                     row["baseline_tokens_per_s"] = engine_rate(args.baseline, model, batch, args)
                 row |= {"hf_tokens_per_s": hf_rate(model, batch, args), "roofline_tokens_per_s": roofline}
@@ -148,15 +158,17 @@ def main() -> None:
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, temperature {args.temperature}, top-p "
           f"{args.top_p}, return_logprob; one torch thread; best of {args.repeats}; fp32 matmul {rate / 1e9:.1f} "
           f"GFLOP/s; torch {torch.__version__}, Python {platform.python_version()}\n")
-    baseline = " baseline tokens/s |" if args.baseline else ""
-    print(f"| model | batch | engine tokens/s |{baseline} HF generate tokens/s | roofline tokens/s | engine / HF | "
-          "engine / roofline |")
-    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.baseline else ""))
+    engines = ["engine"] + ["compiled"] * args.compile  # each with its ratios to HF and to the roofline
+    extra = " baseline tokens/s |" if args.baseline else ""
+    print(f"| model | batch |{''.join(f' {e} tokens/s |' for e in engines)}{extra} HF generate tokens/s | roofline "
+          f"tokens/s |{''.join(f' {e} / HF | {e} / roofline |' for e in engines)}")
+    print("|---|---:|" + "---:|" * (3 * len(engines) + 2 + bool(args.baseline)))
     for r in rows:
-        old = f" {r['baseline_tokens_per_s']:.0f} |" if args.baseline else ""
-        print(f"| {r['model']} | {r['batch']} | {r['engine_tokens_per_s']:.0f} |{old} {r['hf_tokens_per_s']:.0f} | "
-              f"{r['roofline_tokens_per_s']:.0f} | {r['engine_tokens_per_s'] / r['hf_tokens_per_s']:.2f} | "
-              f"{r['engine_tokens_per_s'] / r['roofline_tokens_per_s']:.2f} |")
+        rates = [r[f"{e}_tokens_per_s"] for e in engines]
+        extra = f" {r['baseline_tokens_per_s']:.0f} |" if args.baseline else ""
+        print(f"| {r['model']} | {r['batch']} |{''.join(f' {x:.0f} |' for x in rates)}{extra} "
+              f"{r['hf_tokens_per_s']:.0f} | {r['roofline_tokens_per_s']:.0f} |"
+              + "".join(f" {x / r['hf_tokens_per_s']:.2f} | {x / r['roofline_tokens_per_s']:.2f} |" for x in rates))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
 

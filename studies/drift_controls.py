@@ -178,8 +178,8 @@ def _fmt(summary: dict) -> str:
     return f"{summary['mean']:+.3f}{ci} (n={summary['n']}{mde})"
 
 
-def _cell(stat: dict) -> str:
-    return "-" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['std'] or 0:.3f}"
+def _cell(stat: dict, digits: int = 3) -> str:
+    return "-" if stat["mean"] is None else f"{stat['mean']:.{digits}f} ± {stat['std'] or 0:.{digits}f}"
 
 
 def report(summary: dict, arms: list, args) -> str:
@@ -189,7 +189,7 @@ def report(summary: dict, arms: list, args) -> str:
         r = REGIMES[regime]
         rows = "\n".join(f"| {a.label} | {table[a.name]['greedy']['n']} | "
                          + " | ".join(_cell(table[a.name][k]) for k in ("greedy", "pass1", "pass8", "masked_frac"))
-                         + f" | {_cell(table[a.name]['seconds'])} |"
+                         + f" | {_cell(table[a.name]['seconds'], 0)} |"
                          for a in arms if a.regime == regime and table[a.name]["greedy"]["n"])
         versus = "\n".join(f"| {c['label']} | {c['reference']} | {_fmt(c['pass8'])} | {_fmt(c['pass1'])} | "
                            f"{_fmt(c['greedy'])} |" for c in summary["comparisons"].values()
@@ -209,19 +209,19 @@ Paired by seed (arm minus reference), 95% t interval, minimum detectable effect 
 """)
     missing = summary["meta"]["missing_runs"]
     base = [r for r in summary["runs"] if r["control"] == "none"]
-    before = mean_std([r["pass1_before"] for r in base])
+    before = mean_std([r["pass1_before"] for r in base])["mean"]
+    start = "-" if before is None else f"{before:.3f}"
     return f"""# Drift controls head to head (issue 23): results
 
 Made by:
 
     {args.command}
 
-The shipped addition pair; {args.steps} steps of 64 prompts x 1 sample at T = 1, top-p 0.9; evaluated on the first
-{args.eval_problems} problems of the `{args.split}` split (disjoint from the pair's SFT set); pass@k from
-{args.eval_samples} samples at T = 1 with top-p 0.9. The student before training: pass@1
-{before['mean'] if before['mean'] is not None else float('nan'):.3f}. "masked fraction" is the share of response
-positions a control zeroed (0 for arms without one). Seconds are whole runs on a shared machine: compare the
-train-phase cost in `bench/bench_drift_controls.py` instead.
+The shipped addition pair; {args.steps} steps of 64 prompts x 1 sample at T = 1, top-p 0.9. Evaluated on the
+first {args.eval_problems} problems of the `{args.split}` split (disjoint from the pair's SFT set); pass@k from
+{args.eval_samples} samples at T = 1 with top-p 0.9. The student before training: pass@1 {start}. "masked fraction"
+is the share of response positions a control zeroed. Seconds are whole runs on a shared machine; the train-phase
+cost of each control is in `bench/bench_drift_controls.py`.
 {'**Not finished:** ' + str(len(missing)) + ' planned runs missing.' if missing else 'Every planned run is in.'}
 
 {chr(10).join(sections)}"""

@@ -1,11 +1,12 @@
 """The inference engine: one thread owns the model and runs continuous batching.
 
-Running sequences live in the fixed slots of a preallocated KV cache (``max_running`` of them). Each iteration
-admits waiting samples into free slots (one batched prefill, each distinct prompt once: the n samples of a prompt
-share it), then samples one token for every running sequence at once (``SlotSampling``) and runs one batched decode
-step. Finished sequences free their slot at once (nothing is copied), new ones take free slots at the next
-iteration. Control operations (abort, pause, weight updates) run in the same thread between iterations, so they
-never race a forward pass.
+Running sequences live in the fixed slots of a preallocated KV cache (``max_running`` of them), always in the first
+ones: B running sequences hold slots 0..B-1. Each iteration admits waiting samples into free slots (one batched
+prefill, each distinct prompt once: the n samples of a prompt share it), then samples one token for every running
+sequence at once (``SlotSampling``) and runs one batched decode step over slots 0..B-1. A finished sequence frees its
+slot at once; when that leaves a hole, the sequence in the highest slot moves into it (its cache and sampling state:
+one copy of that row), so that a decode step reads the cache as views and never gathers it. Control operations
+(abort, pause, weight updates) run in the same thread between iterations, so they never race a forward pass.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ class Engine:
     """Thread-safe front: ``submit``, ``abort``, ``call``; everything else runs in the engine thread."""
 
     def __init__(self, load: Callable[[], tuple[torch.nn.Module, Any]], max_running: int = 64,
-                 max_prefill_tokens: int = 16384):
-        self._load = load
+                 max_prefill_tokens: int = 16384, compile: bool = False):
+        self._load, self._compile = load, compile
         self.max_running, self.max_prefill_tokens = max_running, max_prefill_tokens
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
@@ -119,7 +120,7 @@ class Engine:
     def _main(self) -> None:
         try:
             self.model, self.tokenizer = self._load()
-            self.runner = Qwen3Runner(self.model)
+            self.runner = Qwen3Runner(self.model, compile=self._compile)
             self._cache = self.runner.new_cache(self.max_running)
             eos = self.model.config.eos_token_id
             self._stop_ids = frozenset([] if eos is None else ([eos] if isinstance(eos, int) else eos))
@@ -188,7 +189,6 @@ class Engine:
         n_scored = sum(map(len, spans))
         at_rows = torch.cat([torch.full_like(c, row) for c, (_, row) in zip(spans, scored)] + [torch.arange(len(lens))])
         at_cols = torch.cat(spans + [lens - 1])
-        self._cache.lengths[torch.tensor(free[: sum(map(len, groups))])] = 0
         logits = self.runner.forward(self._cache, [owner[row] for row in range(len(prompts))], batch, lens,
                                      at=(at_rows, at_cols))
         if scored:
@@ -203,7 +203,8 @@ class Engine:
             if g[0].params.max_new_tokens == 0:
                 prefilled += g
                 continue
-            self._cache.fork(owner[row], [seq.slot for seq in g if seq.slot != owner[row]])
+            others = [seq.slot for seq in g if seq.slot != owner[row]]
+            self._cache.copy([owner[row]] * len(others), others)
             for seq in g:
                 self._slots[seq.slot] = seq
                 self._sampling.assign(seq.slot, seq.sampling, seq.params.max_new_tokens)
@@ -222,22 +223,30 @@ class Engine:
             self._finish(seq, {"type": "length", "length": 0})
 
     def _join(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Add running ``seqs`` (next-token logits [n, V]) and keep the batch in slot order."""
-        running = self._running + seqs
-        logits = logits if self._next_logits is None else torch.cat([self._next_logits, logits])
-        order = sorted(range(len(running)), key=lambda b: running[b].slot)
-        self._set_running([running[b] for b in order], logits[torch.tensor(order)])
+        """Add running ``seqs`` (next-token logits [n, V])."""
+        self._set_running(self._running + seqs,
+                          logits if self._next_logits is None else torch.cat([self._next_logits, logits]))
 
     def _set_running(self, running: list[Sequence], logits: torch.Tensor | None) -> None:
+        """Make ``running`` (next-token logits [len(running), V], row b is running[b]) the running batch, in slots
+        0..B-1 and in slot order: the sequences in slots >= B move into the free slots below B."""
+        holes = [slot for slot in range(len(running)) if self._slots[slot] is None]
+        movers = [seq for seq in running if seq.slot >= len(running)]
+        if holes:
+            self._cache.copy([seq.slot for seq in movers], holes)
+            self._sampling.copy([seq.slot for seq in movers], holes)
+            for seq, slot in zip(movers, holes):
+                self._slots[seq.slot], self._slots[slot], seq.slot = None, seq, slot
+        order = sorted(range(len(running)), key=lambda b: running[b].slot)
+        if order != list(range(len(running))):
+            running, logits = [running[b] for b in order], logits[torch.tensor(order)]
         self._running, self._next_logits = running, logits
-        self._running_slots = [seq.slot for seq in running]
         self._logprob_rows = any(seq.return_logprob for seq in running)
         self._top_k = max((seq.top_logprobs_num for seq in running if seq.return_logprob), default=0)
 
     def _step(self) -> None:
         """Sample one token for every running row, retire the finished ones, run one decode step for the rest."""
-        slots = torch.tensor(self._running_slots)
-        tokens, logprobs = self._sampling.sample(self._next_logits, slots)
+        tokens, logprobs = self._sampling.sample(self._next_logits, torch.arange(len(self._running)))
         token_list = tokens.tolist()
         if self._logprob_rows:
             chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
@@ -261,12 +270,11 @@ class Engine:
                     seq.notify(seq, len(seq.output_ids))
         self._retain(keep)
         if self._running:
-            step_tokens = tokens[torch.tensor(keep)][:, None] if len(keep) < len(tokens) else tokens[:, None]
-            self._next_logits = self.runner.forward(self._cache, self._running_slots, step_tokens,
-                                                    torch.ones(len(keep), dtype=torch.int64))
+            step_tokens = torch.tensor([seq.output_ids[-1] for seq in self._running])
+            self._next_logits = self.runner.decode(self._cache, step_tokens)
 
     def _retain(self, keep: list[int]) -> None:
-        """Keep running rows ``keep`` (indices into the current batch); the others' slots become free (no copy)."""
+        """Keep running rows ``keep`` (indices into the current batch, ascending); the others' slots become free."""
         if len(keep) == len(self._running):
             return
         for b in set(range(len(self._running))) - set(keep):

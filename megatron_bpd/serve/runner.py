@@ -1,11 +1,18 @@
 """Batched, KV-cached forward of an HF Qwen3ForCausalLM, driving the HF weights directly.
 
 The cache is a fixed set of slots: per layer keys and values of shape [S, H_kv, C, D] (S slots, capacity C) and the
-number of valid positions ``lengths`` [S] of each slot. A forward over rows ``slots`` [B] appends S_new tokens per
-row: row b's token s sits at position ``lengths[slot_b] + s``, is written there in place and attends to positions
-0..lengths[slot_b] + s of its slot. Rows may be right-padded (``new_lens[b] < S_new``): padded positions are
-written past the row's length and overwritten by its next tokens. Freeing a slot copies nothing (its length is
-reset when it is reused); the capacity C grows by doubling when a row outgrows it.
+number of valid positions ``lengths`` [S] of each slot. ``forward`` (prefill) fills slots ``slots`` [B] with up to
+S_new tokens each (right-padded rows: padded positions are written past the row's length and overwritten by its next
+tokens). ``decode`` appends one token to each of slots 0..B-1 (the engine keeps its running sequences there): row
+b's token sits at position ``lengths[b]``, is written there in place and attends to positions 0..lengths[b] of its
+slot, read as a view of the cache. A slot is freed by forgetting it (its length is set when it is reused); the
+capacity C grows by doubling when a row outgrows it.
+
+A layer's q / k / v projections, and its gate / up projections, run as one matmul each: their weights are
+concatenated once, and the HF modules' weights become views of the concatenation, so in-place weight updates (the
+``/update_weights_*`` endpoints copy into the parameters) reach it. ``Qwen3Runner(model, compile=True)`` runs the
+decode step through ``torch.compile``, compiled once at construction: B and the context length are dynamic, so the
+one compilation serves every step but those of a single row, which run eagerly (torch.compile specializes size 1).
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """``keys`` / ``values``: per layer [S, H_kv, C, D]; ``lengths`` [S] int64."""
+    """``keys`` / ``values``: per layer [S, H_kv, C, D]; ``lengths`` [S] int64 (inference tensors)."""
 
+    @torch.inference_mode()
     def __init__(self, num_layers: int, slots: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  capacity: int = 128):
         blank = lambda: torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype)  # noqa: E731
@@ -30,6 +38,7 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    @torch.inference_mode()
     def reserve(self, capacity: int) -> None:
         """Grow every layer to at least ``capacity`` positions (doubling, to amortize the copies)."""
         if capacity <= self.capacity:
@@ -38,29 +47,23 @@ class KVCache:
         self.keys = [F.pad(k, (0, 0, 0, grow)) for k in self.keys]
         self.values = [F.pad(v, (0, 0, 0, grow)) for v in self.values]
 
-    @torch.inference_mode()  # the layers are inference tensors once a forward has grown them
-    def fork(self, src: int, dst: list[int]) -> None:
-        """Give slots ``dst`` the cache of slot ``src`` (the n samples of one prompt share its prefill)."""
+    @torch.inference_mode()
+    def copy(self, src: list[int], dst: list[int]) -> None:
+        """Give each slot ``dst[i]`` the cache and length of slot ``src[i]`` (the n samples of a prompt share its
+        prefill; a sequence moves to a lower slot). ``src`` and ``dst`` are disjoint."""
         if not dst:
             return
-        used, index = int(self.lengths[src]), torch.tensor(dst)
+        src_index, dst_index = torch.tensor(src), torch.tensor(dst)
+        used = int(self.lengths[src_index].max())
         for layer in self.keys + self.values:
-            layer[index, :, :used] = layer[src, :, :used].clone()
-        self.lengths[index] = used
-
-    def window(self, layer: int, slots: list[int], used: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H_kv, used, D] of rows ``slots``: views when the slots are consecutive, else copies."""
-        k, v = self.keys[layer][:, :, :used], self.values[layer][:, :, :used]
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            return k[slots[0] : slots[0] + len(slots)], v[slots[0] : slots[0] + len(slots)]
-        index = torch.tensor(slots)
-        return k.index_select(0, index), v.index_select(0, index)
+            layer[dst_index, :, :used] = layer[src_index, :, :used]
+        self.lengths[dst_index] = self.lengths[src_index]
 
 
 class Qwen3Runner:
     """Runs an HF ``Qwen3ForCausalLM`` (full attention layers) over a KVCache."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, compile: bool = False):
         config = model.config
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
             raise ValueError("the embedded server supports full-attention Qwen3 layers only (no sliding window)")
@@ -70,75 +73,140 @@ class Qwen3Runner:
         self.dtype = next(model.parameters()).dtype
         self._layers = [_layer_tensors(layer) for layer in model.model.layers]
         self._cos = self._sin = torch.zeros(0)
+        self._compiled = torch.compile(self._decode_step) if compile else None
+        if compile:  # compile now, not at the first request: a decode step of 2 rows on a scratch cache, with
+            # tokens made outside inference mode as the engine's are (an inference tensor would compile again);
+            # after a reset, since torch.compile would make the sizes of another model in this process dynamic
+            torch._dynamo.reset()
+            scratch = self.new_cache(2)
+            with torch.inference_mode():
+                scratch.lengths += 1
+            self.decode(scratch, torch.zeros(2, dtype=torch.int64))
 
     def new_cache(self, slots: int) -> KVCache:
         return KVCache(self.config.num_hidden_layers, slots, self.config.num_key_value_heads, self.head_dim,
                        self.dtype)
 
-    def _rotary(self, positions: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin [B, 1, S, D] at ``positions`` [B, S] (see ``_rope``), from a table of positions
-        0..C-1 grown by doubling."""
+    def _rotary(self, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin tables [P, D] (P >= ``needed`` positions, see ``_rope``), grown by doubling."""
         if needed > self._cos.shape[0]:
             size = max(needed, 2 * self._cos.shape[0], 256)
             cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=self.dtype), torch.arange(size)[None])
             half = sin.shape[-1] // 2
             self._cos, self._sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-        return self._cos[positions][:, None], self._sin[positions][:, None]
+        return self._cos, self._sin
 
     @torch.inference_mode()
     def forward(self, cache: KVCache, slots: list[int], tokens: torch.Tensor, new_lens: torch.Tensor,
                 at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Append ``tokens`` [B, S] (row b has ``new_lens[b]`` real tokens) to slots ``slots`` of ``cache``; return
-        float32 logits [N, V] at the (row, token) pairs ``at`` ([N] each; default: each row's last real token,
-        N = B). When every row's slot is empty (a prefill) the rows attend only to their own new tokens."""
+        """Prefill: fill slots ``slots`` of ``cache`` with ``tokens`` [B, S] (row b has ``new_lens[b]`` real tokens,
+        causal attention among them; whatever the slots held is dropped); return float32 logits [N, V] at the
+        (row, token) pairs ``at`` ([N] each; default: each row's last real token, N = B)."""
         inner, config = self.model.model, self.config
         b, s = tokens.shape
         index = torch.tensor(slots)
-        start = cache.lengths[index]
-        fresh = not bool(start.any())
-        positions = start[:, None] + torch.arange(s)  # [B, S]
-        used = int(start.max()) + s
-        cache.reserve(used)
-        cos, sin = self._rotary(positions, used)
-        mask = None if fresh else (torch.arange(used) <= positions[:, :, None])[:, None]  # [B, 1, S, used]
+        cos, sin = (t[:s] for t in self._rotary(s))  # [S, D]
+        cache.reserve(s)
         heads, capacity = config.num_key_value_heads, cache.capacity  # flat row of (slot, head, position) in [S*H*C, D]
-        rows = ((index[:, None, None] * heads + torch.arange(heads)[:, None]) * capacity + positions[:, None]).view(-1)
+        rows = ((index[:, None, None] * heads + torch.arange(heads)[:, None]) * capacity + torch.arange(s)).view(-1)
         x = inner.embed_tokens(tokens)
-        shape = (b, s, -1, self.head_dim)
         for i, w in enumerate(self._layers):
-            h = _rms(w.input_norm, x)
-            q = _rope(_rms(w.q_norm, F.linear(h, *w.q).view(shape)).transpose(1, 2), cos, sin)
-            k = _rope(_rms(w.k_norm, F.linear(h, *w.k).view(shape)).transpose(1, 2), cos, sin)
-            v = F.linear(h, *w.v).view(shape).transpose(1, 2)
+            q, k, v = _qkv(w, x, (b, s, -1, self.head_dim), cos, sin)
             cache.keys[i].view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
             cache.values[i].view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
-            if not fresh:
-                k, v = cache.window(i, slots, used)
-            if s == 1 and not fresh:
-                o = _decode_attention(q, k, v, mask, w.scaling)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fresh and s > 1,
-                                                   scale=w.scaling, enable_gqa=True)
-            x = x + F.linear(o.transpose(1, 2).reshape(b, s, -1), *w.o)
-            h = _rms(w.post_norm, x)
-            x = x + F.linear(w.act(F.linear(h, *w.gate)) * F.linear(h, *w.up), *w.down)
-        cache.lengths.index_add_(0, index, new_lens)
-        x = x[at] if at is not None else x[torch.arange(b), new_lens - 1]
-        head = self.model.lm_head
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=w.scaling, enable_gqa=True)
+            x = _mlp(w, x + F.linear(o.transpose(1, 2).reshape(b, s, -1), *w.o))
+        cache.lengths[index] = new_lens
+        return self._logits(x[at] if at is not None else x[torch.arange(b), new_lens - 1])
+
+    @torch.inference_mode()
+    def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` [B] to slots 0..B-1 of ``cache`` (one each); return float32 next-token logits [B, V]."""
+        b = tokens.shape[0]
+        positions = cache.lengths[:b]
+        used = int(positions.max()) + 1
+        cache.reserve(used + 1)  # a spare position: a window [:used] is never a whole (contiguous) layer, which
+        # torch.compile would specialize for
+        window = lambda layers: [layer[:b, :, :used] for layer in layers]  # noqa: E731 - views [B, H_kv, used, D]
+        keys, values, (cos, sin) = window(cache.keys), window(cache.values), self._rotary(used)
+        if self._compiled is not None and b > 1:  # B, used and the table length vary, the other sizes are fixed
+            for t, dims in [(t, (0, 2)) for t in keys + values] + [(cos, 0), (sin, 0), (tokens, 0), (positions, 0)]:
+                torch._dynamo.mark_dynamic(t, dims)
+            logits = self._compiled(keys, values, cos, sin, tokens, positions)
+        else:
+            logits = self._decode_step(keys, values, cos, sin, tokens, positions)
+        cache.lengths[:b] += 1
+        return logits
+
+    def _decode_step(self, keys: list[torch.Tensor], values: list[torch.Tensor], cos: torch.Tensor,
+                     sin: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decode step proper (what ``compile`` compiles): keys / values per layer [B, H_kv, L, D] (written in
+        place at ``positions`` [B] < L), rotary tables cos / sin [P, D], tokens [B] -> float32 logits [B, V]."""
+        b, length = tokens.shape[0], keys[0].shape[2]
+        cos, sin = cos[positions][:, None, None], sin[positions][:, None, None]  # [B, 1, 1, D]
+        mask = (torch.arange(length) <= positions[:, None])[:, None, None]  # [B, 1, 1, L]
+        at = (torch.arange(b)[:, None], torch.arange(keys[0].shape[1]), positions[:, None])  # (row, head, position)
+        x = self.model.model.embed_tokens.weight[tokens][:, None]  # [B, 1, hidden]
+        for i, w in enumerate(self._layers):
+            q, k, v = _qkv(w, x, (b, 1, -1, self.head_dim), cos, sin)
+            keys[i].index_put_(at, k[:, :, 0])
+            values[i].index_put_(at, v[:, :, 0])
+            o = _decode_attention(q, keys[i], values[i], mask, w.scaling)
+            x = _mlp(w, x + F.linear(o.reshape(b, 1, -1), *w.o))
+        return self._logits(x[:, 0])
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output layer: hidden states [N, hidden] -> float32 logits [N, V]."""
+        inner, head = self.model.model, self.model.lm_head
         return F.linear(_rms((inner.norm.weight, inner.norm.variance_epsilon), x), head.weight, head.bias).float()
 
 
 def _layer_tensors(layer: torch.nn.Module) -> SimpleNamespace:
-    """A decoder layer's parameters, looked up once: (weight, bias) per projection, (weight, eps) per RMSNorm. They
-    are the model's own tensors, so in-place weight updates reach the runner."""
+    """A decoder layer's parameters, looked up once: (weight, bias) per projection, q / k / v and gate / up fused
+    (``_fuse``), (weight, eps) per RMSNorm. They are (or are views of) the model's own tensors, so in-place weight
+    updates reach the runner."""
     attn, mlp = layer.self_attn, layer.mlp
-    linear = lambda m: (m.weight, m.bias)  # noqa: E731
     norm = lambda m: (m.weight, m.variance_epsilon)  # noqa: E731
     return SimpleNamespace(input_norm=norm(layer.input_layernorm), post_norm=norm(layer.post_attention_layernorm),
-                           q_norm=norm(attn.q_norm), k_norm=norm(attn.k_norm), q=linear(attn.q_proj),
-                           k=linear(attn.k_proj), v=linear(attn.v_proj), o=linear(attn.o_proj), scaling=attn.scaling,
-                           gate=linear(mlp.gate_proj), up=linear(mlp.up_proj), down=linear(mlp.down_proj),
-                           act=mlp.act_fn)
+                           q_norm=norm(attn.q_norm), k_norm=norm(attn.k_norm), scaling=attn.scaling,
+                           qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
+                           qkv_split=[attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features],
+                           o=(attn.o_proj.weight, attn.o_proj.bias), gate_up=_fuse([mlp.gate_proj, mlp.up_proj]),
+                           down=(mlp.down_proj.weight, mlp.down_proj.bias), act=mlp.act_fn)
+
+
+def _fuse(linears: list[torch.nn.Linear]) -> tuple[torch.nn.Parameter, torch.nn.Parameter | None]:
+    """(weight [sum of out_features, in], bias or None): the linears' weights (and biases) concatenated, as
+    parameters (static shapes for torch.compile); each linear's own weight and bias become views of them. A model
+    serves one runner at a time: a second runner fuses again, and the first no longer sees weight updates."""
+    fused = []
+    for name in ("weight", "bias"):
+        if getattr(linears[0], name) is None:
+            fused.append(None)
+            continue
+        whole = torch.nn.Parameter(torch.cat([getattr(m, name).detach() for m in linears]), requires_grad=False)
+        begin = 0
+        for m in linears:
+            part = getattr(m, name)
+            part.data = whole.data[begin : begin + part.shape[0]]
+            begin += part.shape[0]
+        fused.append(whole)
+    return tuple(fused)
+
+
+def _qkv(w: SimpleNamespace, x: torch.Tensor, shape: tuple[int, ...], cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, H, S, D] and k, v [B, H_kv, S, D] of hidden states x [B, S, hidden] (input norm, the fused
+    projection, q / k norms, rotary embedding with cos / signed sin broadcastable to [B, 1, S, D])."""
+    q, k, v = F.linear(_rms(w.input_norm, x), *w.qkv).split(w.qkv_split, dim=-1)
+    q = _rope(_rms(w.q_norm, q.view(shape)).transpose(1, 2), cos, sin)
+    k = _rope(_rms(w.k_norm, k.view(shape)).transpose(1, 2), cos, sin)
+    return q, k, v.view(shape).transpose(1, 2)
+
+
+def _mlp(w: SimpleNamespace, x: torch.Tensor) -> torch.Tensor:
+    """x + down(act(gate(h)) * up(h)), h = the post-attention norm of x [..., hidden]."""
+    gate, up = F.linear(_rms(w.post_norm, x), *w.gate_up).chunk(2, dim=-1)
+    return x + F.linear(w.act(gate) * up, *w.down)
 
 
 def _rms(norm: tuple[torch.Tensor, float], x: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,8 @@ class SlotSampling:
     """The sampling settings of ``slots`` decoding slots as tensors, so that a step samples every running row at once.
 
     ``assign(slot, row, steps)`` stores a sequence's settings and draws its ``steps`` uniforms from its generator;
-    ``sample(logits, slots)`` samples the rows ``slots`` [B] (row b's t-th call uses its t-th uniform)."""
+    ``copy(src, dst)`` moves sequences to other slots; ``sample(logits, slots)`` samples the rows ``slots`` [B]
+    (row b's t-th call uses its t-th uniform)."""
 
     def __init__(self, slots: int):
         self.temperature = torch.zeros(slots)
@@ -109,6 +110,12 @@ class SlotSampling:
             grown[:, : self.uniforms.shape[1]] = self.uniforms
             self.uniforms = grown
         self.uniforms[slot, :steps] = torch.rand(steps, generator=row.generator, dtype=torch.float64)
+
+    def copy(self, src: list[int], dst: list[int]) -> None:
+        """Give slots ``dst`` the settings and uniform streams (at their current step) of slots ``src``."""
+        src_index, dst_index = torch.tensor(src), torch.tensor(dst)
+        for state in (self.temperature, self.top_k, self.top_p, self.step, self.uniforms):
+            state[dst_index] = state[src_index]
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] of the rows in ``slots`` [B] -> (tokens [B], logprobs [B, V]); advances their streams."""
