@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from megatron_bpd.experiment import mean_std, paired, task_prompts
 from megatron_bpd.method_config import RATIOS
 
-from .stats import paired_summary
+from .stats import format_paired, paired_summary
 from .study import Study
 
 BLOCK = 16  # the gate study's block on this task (responses of ~40-80 tokens)
@@ -170,14 +170,6 @@ def comparisons(rows: list, arms: list) -> dict:
     return out
 
 
-def _fmt(summary: dict) -> str:
-    if not summary or summary["mean"] is None:
-        return "-"
-    ci = f" [{summary['ci'][0]:+.3f}, {summary['ci'][1]:+.3f}]" if summary["ci"] else ""
-    mde = f", MDE {summary['mde']:.3f}" if summary["mde"] is not None else ""
-    return f"{summary['mean']:+.3f}{ci} (n={summary['n']}{mde})"
-
-
 def _cell(stat: dict, digits: int = 3) -> str:
     return "-" if stat["mean"] is None else f"{stat['mean']:.{digits}f} ± {stat['std'] or 0:.{digits}f}"
 
@@ -191,9 +183,9 @@ def report(summary: dict, arms: list, args) -> str:
                          + " | ".join(_cell(table[a.name][k]) for k in ("greedy", "pass1", "pass8", "masked_frac"))
                          + f" | {_cell(table[a.name]['seconds'], 0)} |"
                          for a in arms if a.regime == regime and table[a.name]["greedy"]["n"])
-        versus = "\n".join(f"| {c['label']} | {c['reference']} | {_fmt(c['pass8'])} | {_fmt(c['pass1'])} | "
-                           f"{_fmt(c['greedy'])} |" for c in summary["comparisons"].values()
-                           if c["regime"] == regime and c["pass1"]["n"])
+        versus = "\n".join(f"| {c['label']} | {c['reference']} | "
+                           + " | ".join(format_paired(c[k]) for k in ("pass8", "pass1", "greedy")) + " |"
+                           for c in summary["comparisons"].values() if c["regime"] == regime and c["pass1"]["n"])
         title = f"{regime}: {r.epochs * r.minibatches} updates per rollout, lr {r.lr:g}, staleness k = {r.staleness}"
         sections.append(f"""## {title}
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from megatron_bpd.experiment import mean_std, paired, task_prompts
 
 from . import drift_locality
-from .stats import paired_summary, seeds_for
+from .stats import format_paired, paired_summary, seeds_for
 from .study import Study
 
 TRACED = 4  # trajectories per step whose per-position drift and gates are logged
@@ -246,14 +246,6 @@ def plot_premise(summary: dict, path) -> None:
     plt.close(fig)
 
 
-def _fmt(summary: dict) -> str:
-    if not summary or summary["mean"] is None:
-        return "-"
-    ci = f" [{summary['ci'][0]:+.3f}, {summary['ci'][1]:+.3f}]" if summary["ci"] else ""
-    mde = f", MDE {summary['mde']:.3f}" if summary["mde"] is not None else ""
-    return f"{summary['mean']:+.3f}{ci} (n={summary['n']}{mde})"
-
-
 def report(summary: dict, arms: list, args) -> str:
     rows, table = summary["runs"], summary["table"]
     arm_rows = "\n".join(
@@ -261,9 +253,9 @@ def report(summary: dict, arms: list, args) -> str:
         + " | ".join("-" if table[a.name][k]["mean"] is None else f"{table[a.name][k]['mean']:.3f} ± "
                      f"{table[a.name][k]['std']:.3f}" for k in ("greedy", "pass1", "pass8", "drift_top10_share"))
         + " |" for a in arms if table[a.name]["greedy"]["n"])
-    versus = "\n".join(f"| {c['label']} (h{c['reference'].split('-')[0][1:]}) | {_fmt(c['pass8'])} | "
-                       f"{_fmt(c['pass1'])} | {_fmt(c['greedy'])} | {c['pass8'].get('seeds_for_0.02') or '-'} |"
-                       for c in summary["comparisons"].values())
+    versus = "\n".join(f"| {c['label']} (h{c['reference'].split('-')[0][1:]}) | "
+                       + " | ".join(format_paired(c[k]) for k in ("pass8", "pass1", "greedy"))
+                       + f" | {c['pass8'].get('seeds_for_0.02') or '-'} |" for c in summary["comparisons"].values())
     gains = "\n".join(f"| {h} | {u} | {g['n']} | {g['mean']:+.3f} ± {g['std']:.3f} |"
                       for (h, u), g in premise_gains(rows).items())
     missing = summary["meta"]["missing_runs"]

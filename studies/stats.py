@@ -75,3 +75,12 @@ def paired_summary(differences: Sequence[float]) -> dict:
     sd = statistics.stdev(differences)
     half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean": mean, "sd": sd, "ci": [mean - half, mean + half], "mde": mde(sd, n)}
+
+
+def format_paired(summary: dict) -> str:
+    """A ``paired_summary`` as one table cell: "+0.030 [+0.010, +0.050] (n=3, MDE 0.040)"; "-" without pairs."""
+    if not summary or summary["mean"] is None:
+        return "-"
+    ci = f" [{summary['ci'][0]:+.3f}, {summary['ci'][1]:+.3f}]" if summary["ci"] else ""
+    mde = f", MDE {summary['mde']:.3f}" if summary["mde"] is not None else ""
+    return f"{summary['mean']:+.3f}{ci} (n={summary['n']}{mde})"
