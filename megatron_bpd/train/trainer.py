@@ -13,7 +13,8 @@ and every ``eval.every`` steps the held-out evaluation (``evaluation``), every `
 The rollouts come from a producer (``rollout.producer``, through ``RolloutFeed``) that samples step s with the
 weights of step max(s - k, first) (k = ``rollout.max_staleness``; 0: the synchronous loop) while the trainer trains;
 rank 0 receives each rollout and broadcasts it; every rank builds the same micro-batches and takes its
-data-parallel share. The loss runs on the last pipeline stage from vocab-parallel logits.
+data-parallel share. The loss runs on the last pipeline stage from the LM head (``forward_step.head_forward``: the
+vocab-parallel logits, or the hidden states and the output weight shard with ``loss.fused_head``).
 """
 
 import dataclasses
