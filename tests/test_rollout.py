@@ -4,6 +4,7 @@ servers on 127.0.0.1; numbers are checked against the HF model's own full forwar
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -182,16 +183,20 @@ def test_rollout_through_sglang_router(servers, model_dir, tmp_path):
                                str(port), "--policy", "round_robin", "--log-level", "warn",
                                "--worker-urls", *[w.url for w in workers]], stdout=log, stderr=subprocess.STDOUT)
     try:
+        # The router answers /health before it has registered its workers (0.3.x adds them in a background job):
+        # wait until /workers lists both as healthy, or the first requests all go to whichever came first.
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"{router_url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
+                with urllib.request.urlopen(f"{router_url}/workers", timeout=2) as r:
+                    listed = json.load(r)["workers"]
+                if sorted(w["url"] for w in listed if w["is_healthy"]) == sorted(w.url for w in workers):
+                    break
             except OSError:
-                if router.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sglang-router did not come up:\n{(tmp_path / 'router.log').read_text()}")
-                time.sleep(0.2)
+                pass
+            if router.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sglang-router did not list both workers:\n{(tmp_path / 'router.log').read_text()}")
+            time.sleep(0.2)
         before = [num_finished(w.url) for w in workers]
         config = RolloutConfig(n_samples=4, seed=3, sampling=SamplingParams(max_new_tokens=8, ignore_eos=True))
         prompts = [[4, 5, 6], [7, 8], [9, 10, 11, 12]]
