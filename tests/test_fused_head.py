@@ -136,6 +136,10 @@ def _case_errors(case, rank, tp, group):
                        scale=max(ref_values.abs().max().item(), 1.0),
                        value_unfused=_err(values, u_values), ids_real=bool((ids < d["vocab"]).all()),
                        ids_match_values=_err(ref.gather(-1, ids), values), requires_grad=values.requires_grad)
+    # the labels' log-probs read in the top-k's own pass over the vocabulary (the in-trainer teacher's scores)
+    one_pass = fused.topk(k, temperature, logprobs_at=d["labels"])
+    out["topk"].update(same_topk=torch.equal(one_pass[0], values) and torch.equal(one_pass[1], ids),
+                       labels_lp=_err(one_pass[2], ref.gather(-1, d["labels"][:, None])[:, 0]))
     out["logits_at"] = _logits_at_errors(d, temperature, fused, unfused)
     return out
 
@@ -220,6 +224,7 @@ def test_fused_topk_matches_reference_and_unfused_path(results, case):
         assert r["ids_real"] and r["ids_equal_unfused"] and not r["requires_grad"], (tp, rank, case, r)
         tol = 1e-6 * r["scale"]  # float32 log-probs: a few ulps of the largest
         assert r["value_ref"] <= tol and r["value_unfused"] <= tol and r["ids_match_values"] <= tol, r
+        assert r["same_topk"] and r["labels_lp"] <= tol, r
 
 
 def test_backward_keeps_no_logits(results):

@@ -104,9 +104,16 @@ def _case_errors(case, rank, tp, group, device):
                          pad_grad_zero=bool((shard.grad.reshape(-1, local)[:, max(vocab - rank * local, 0):] == 0)
                                             .all()))
     top_k = k or 3
-    values, top_ids = _head(_shard_of(full, rank, tp, device), group, vocab_size, chunk).topk(top_k, temperature)
+    head = _head(_shard_of(full, rank, tp, device), group, vocab_size, chunk)
+    values, top_ids = head.topk(top_k, temperature)
+    with_lp = head.topk(top_k, temperature, logprobs_at=ids_dev)  # one pass: the same top-k and the ids' log-probs
     values, top_ids = values.cpu(), top_ids.cpu()
     ref_lsm = _reference(full, vocab, temperature)
+    ref_at = ref_logprobs(full.double())
+    out["topk_logprobs_at"] = dict(same_topk=torch.equal(with_lp[0].cpu(), values) and torch.equal(with_lp[1].cpu(),
+                                                                                                    top_ids),
+                                   value=_err(with_lp[2], ref_at), value_tol=_value_tol(ref_at),
+                                   shape=tuple(with_lp[2].shape) == tuple(ids.shape))
     ref_values = ref_lsm.topk(top_k, -1).values
     # ids: distinct, real, and their reference log-probs are the top-k values (bf16 logits have ties)
     distinct = (top_ids.sort(-1).values.diff(dim=-1) != 0).all() if top_k > 1 else True
@@ -243,6 +250,8 @@ def test_topk_matches_reference(results, case):
         r = res[case]["topk"]
         assert r["ids_valid"], f"tp{tp} rank {rank} {case}: top-k ids are not a top-k of the reference"
         assert r["value"] <= r["value_tol"] and r["sorted"] and not r["requires_grad"], r
+        r = res[case]["topk_logprobs_at"]
+        assert r["same_topk"] and r["shape"] and r["value"] <= r["value_tol"], f"tp{tp} rank {rank} {case}: {r}"
 
 
 def test_logprobs_equal_megatron_cross_entropy(results):

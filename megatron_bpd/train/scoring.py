@@ -35,11 +35,11 @@ def logprobs_pass(loss: LossConfig, temperature: float) -> ScoringPass:
 
 def teacher_pass(loss: LossConfig, k: int) -> ScoringPass:
     """An in-trainer teacher's scores at temperature 1: the labels' log-probs ("lp" ``[b, s]``) and its top-``k``
-    log-probs ("top") and ids ("ids"), ``[b, s, k]``."""
+    log-probs ("top") and ids ("ids"), ``[b, s, k]``, from one pass over the vocabulary."""
 
     def score(head: LMHead, batch: MicroBatch) -> Dict[str, torch.Tensor]:
-        values, ids = head.topk(k)
-        return {"lp": head.logprobs(batch.labels), "ids": ids, "top": values}
+        values, ids, lp = head.topk(k, logprobs_at=batch.labels)
+        return {"lp": lp, "ids": ids, "top": values}
 
     return ScoringPass(loss, score)
 

@@ -291,21 +291,33 @@ def _pack_candidates(floats: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def topk_from_chunks(source, k: int, temperature: float, chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_from_chunks(source, k: int, temperature: float, chunk: int, at: Optional[torch.Tensor] = None):
     """Exact global top-k of log softmax(x) over the unpadded vocabulary -> (values ``[n, k]`` float32, global ids
     ``[n, k]`` int64), sorted descending. Each rank takes its local top-k over its real columns and its local
     softmax stats (m_r, log s_r) in one pass; one all-gather of [m_r, log s_r, k values, k ids] per position
-    (TP * (2 + 2k) * 4 bytes) gives every rank the TP*k candidates, of which the top-k is the global one."""
+    (TP * (2 + 2k) * 4 bytes) gives every rank the TP*k candidates, of which the top-k is the global one.
+    With ``at`` (global ids ``[n, K]``): also log softmax(x)[at] ``[n, K]``, each id's owner adding x there to
+    the same all-gather, so the vocabulary is read once: (values, ids, log-probs at ``at``)."""
     shard, n = source.shard, source.n
     if not 0 < k <= shard.vocab_size:
         raise ValueError(f"k must be in [1, vocab_size={shard.vocab_size}], got {k}")
     m, log_s, _, values, ids = local_stats(source, temperature, chunk, False, k)
-    floats = torch.cat([m.unsqueeze(-1), log_s.unsqueeze(-1), values], -1)
-    gathered = all_gather_rows(_pack_candidates(floats, ids), shard)  # [tp, n, 2 + 2k] int32
-    stats = gathered[..., :2 + k].contiguous().view(torch.float32)
+    floats = [m.unsqueeze(-1), log_s.unsqueeze(-1), values]
+    if at is not None:
+        local, mine = owned(at, shard)
+        floats.append(torch.where(mine, source.at(local) / temperature, 0.0))
+    width = 2 + k + (0 if at is None else at.shape[1])
+    gathered = all_gather_rows(_pack_candidates(torch.cat(floats, -1), ids), shard)  # [tp, n, width + k] int32
+    stats = gathered[..., :width].contiguous().view(torch.float32)
     big_m, norm, _ = merge_shards(stats[..., 0], stats[..., 1], None)
-    cand_values = stats[..., 2:].permute(1, 0, 2).reshape(n, -1)  # [n, tp*k]
-    cand_ids = gathered[..., 2 + k:].permute(1, 0, 2).reshape(n, -1)
+
+    def log_softmax(x):  # x - M - L, never x - (M + L): no rounding at |x| ~ 1e4
+        return x - big_m.unsqueeze(-1) - norm.unsqueeze(-1)
+
+    cand_values = stats[..., 2:2 + k].permute(1, 0, 2).reshape(n, -1)  # [n, tp*k]
+    cand_ids = gathered[..., width:].permute(1, 0, 2).reshape(n, -1)
     best = cand_values.topk(k, dim=-1)
-    log_probs = best.values - big_m.unsqueeze(-1) - norm.unsqueeze(-1)
-    return log_probs, cand_ids.gather(1, best.indices).long()
+    top = (log_softmax(best.values), cand_ids.gather(1, best.indices).long())
+    if at is None:
+        return top
+    return (*top, log_softmax(stats[..., 2 + k:].sum(0)))  # one owner per id: the others add 0

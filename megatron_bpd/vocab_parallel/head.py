@@ -13,7 +13,8 @@ top-K. All math is float32 on x / T (T > 0); logits must be finite. The ops, the
 
 - ``logprobs(ids, T)``: log softmax(x / T)[ids], ids ``[...]`` or ``[..., K]``; with ``logits_at`` ``[..., K']``
   also the raw logits there, up to a per-position constant, in the same pass;
-- ``entropy(T)``; ``topk(k, T)``, the exact global top-k log-probs and ids (no gradient);
+- ``entropy(T)``; ``topk(k, T)``, the exact global top-k log-probs and ids (no gradient), with ``logprobs_at``
+  also log-probs at given ids in the same pass;
 - ``logits_at(ids)``: raw logits at ids; ``lsm_loss(ids, teacher, mask, ...)``: ``losses.topk_lsm_loss`` on them;
 - ``token_loss(labels, fn, T)``: a sum of per-position functions of the labels' log-probs with its gradient taken
   in the forward from each chunk's logits (3 output-layer GEMMs: only where ``gradient_in_forward``, the hidden
@@ -113,12 +114,16 @@ class LMHead:
         _, _, x_ids = self._stats(self._ids(ids), 1.0, False, False)
         return x_ids.view(ids.shape)
 
-    def topk(self, k: int, temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, k: int, temperature: float = 1.0, logprobs_at: Optional[torch.Tensor] = None):
         """Exact global top-k of log softmax(x / T): (values ``[..., k]`` float32 log-probs, ids ``[..., k]`` int64
-        global ids), sorted descending (``core.topk_from_chunks``; padding never wins). No gradient."""
+        global ids), sorted descending (``core.topk_from_chunks``; padding never wins). With ``logprobs_at`` ids
+        ``[...]`` or ``[..., K]``: also their log-probs (as ``logprobs``) from the same pass over the vocabulary,
+        as a third element. No gradient."""
         check_temperature(temperature)
-        values, ids = topk_from_chunks(self._cls(self.shard, *self._inputs), k, float(temperature), self.chunk)
-        return values.view(*self.shape, k), ids.view(*self.shape, k)
+        at = None if logprobs_at is None else self._ids(logprobs_at)
+        out = topk_from_chunks(self._cls(self.shard, *self._inputs), k, float(temperature), self.chunk, at)
+        top = out[0].view(*self.shape, k), out[1].view(*self.shape, k)
+        return top if at is None else (*top, out[2].view(logprobs_at.shape))
 
     def lsm_loss(self, ids: torch.Tensor, teacher_logprobs: torch.Tensor, loss_mask: torch.Tensor, **loss_kwargs):
         """Teacher-TopK/LSM loss: ``logits_at(ids)`` ``[..., K]`` into ``losses.topk_lsm_loss`` (the one
