@@ -2,12 +2,12 @@
 gate, sampled-token loss on the fused head) with every ``loss.drift_control`` kind and with ``advantage_from:
 current``, against the step without a control, measured side by side in one run.
 
-The step of ``train_step.py`` (a random tiny Qwen3, one process) plus, for m2po, its batch cutoff
-(``m2po_batch_cutoff``) as the trainer computes it before the step. Each repeat runs every variant
-back to back on a fresh copy of the weights, in a rotated order; medians and minima over ``--repeats``, and each
-variant's ratio to "none". The time spent inside the control's own functions (its weights, penalty, metrics and
-m2po's cutoff) is measured in the same steps, as a share of the step: the A/B ratio on a shared machine is noisier
-than that share. ``--smoke``: a tiny model and one repeat, in seconds (prints, writes nothing).
+The step is the trainer's update (``train_step.TrainStep``: a random tiny Qwen3, one process), m2po's batch cutoff
+included. Each repeat runs every variant back to back on a fresh copy of the weights, in a rotated order; medians
+and minima over ``--repeats``, and each variant's ratio to "none". The time spent inside the control's own functions
+(its weights, penalty, metrics and m2po's cutoff) is measured in the same steps, as a share of the step: the A/B
+ratio on a shared machine is noisier than that share. ``--smoke``: a tiny model and one repeat, in seconds (prints,
+writes nothing).
 
     OMP_NUM_THREADS=1 taskset -c 1 python bench/bench_drift_controls.py
 """
@@ -15,8 +15,9 @@ than that share. ``--smoke``: a tiny model and one repeat, in seconds (prints, w
 import argparse
 import statistics
 
-from train_step import FunctionTimer, TrainStep, add_arguments, micro_batch, random_rollout
+from train_step import FunctionTimer, add_arguments, random_rollout, tiny_train_step
 
+from megatron_bpd import parallel
 from megatron_bpd.drift_controls import DriftControlConfig
 from megatron_bpd.gating import GateConfig
 
@@ -38,18 +39,15 @@ def main(argv=None):
         cli.hidden, cli.layers, cli.vocab, cli.batch, cli.seq, cli.repeats = 32, 1, 512, 2, 128, 1
     from megatron_bpd.train import loss
 
-    step = TrainStep(cli)
-    batch = micro_batch(random_rollout(cli.batch, cli.seq, cli.vocab), GATE)
+    step = tiny_train_step(cli)
+    data = random_rollout(cli.batch, cli.seq, cli.vocab)
     timer = FunctionTimer("drift_weights", "drift_penalty", "control_metrics", "m2po_batch_cutoff")
     times = {name: [] for name in VARIANTS}
     shares = {name: [] for name in VARIANTS}
 
     def run(name):
-        config = loss.LossConfig(gate=GATE, vocab_size=cli.vocab, **VARIANTS[name])
-        m2po = config.drift_control.kind == "m2po"
         timer.seconds = 0.0
-        seconds = step(config, batch, lambda: dict(m2_cutoff=loss.m2po_batch_cutoff([batch], config.drift_control)
-                                                   if m2po else None))
+        seconds = step.step(loss.LossConfig(gate=GATE, vocab_size=cli.vocab, **VARIANTS[name]), data)
         return seconds, timer.seconds
 
     names = list(VARIANTS)
@@ -69,7 +67,7 @@ def main(argv=None):
         median, fastest = statistics.median(times[name]), min(times[name])
         print(f"| {name} | {median:.3f} | {fastest:.3f} | {median / base_median:.3f}x | {fastest / base_min:.3f}x | "
               f"{100 * statistics.median(shares[name]):.2f}% |")
-    step.close()
+    parallel.destroy()
 
 
 if __name__ == "__main__":

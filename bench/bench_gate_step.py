@@ -2,9 +2,10 @@
 gate and with granularity "none" (the ungated baseline), plus the time spent inside ``gates_for_segments``.
 
 One process (TP 1), a random tiny Qwen3 (``--hidden``, ``--layers``, ``--vocab``), ``--batch`` sequences of
-``--seq`` tokens (the first quarter prompt), sampled-token loss, SGD; the step is Megatron's
-forward_backward_func + optimizer step, as in the trainer. Each repeat runs the gated and the ungated step back to
-back on a fresh copy of the weights; medians and minima over ``--repeats``.
+``--seq`` tokens (the first quarter prompt), sampled-token loss, SGD; the step is the trainer's update
+(``train_step.TrainStep``: the loss's pre-pass, Megatron's forward_backward_func, the optimizer step). Each repeat
+runs the gated and the ungated step back to back on a fresh copy of the weights; medians and minima over
+``--repeats``.
 
     OMP_NUM_THREADS=1 taskset -c 1 python bench/bench_gate_step.py
 """
@@ -12,7 +13,9 @@ back on a fresh copy of the weights; medians and minima over ``--repeats``.
 import argparse
 import statistics
 
-from train_step import FunctionTimer, TrainStep, add_arguments, micro_batch, random_rollout
+from train_step import FunctionTimer, add_arguments, random_rollout, tiny_train_step
+
+from megatron_bpd import parallel
 
 from megatron_bpd.gating import GateConfig
 from megatron_bpd.train.loss import LossConfig
@@ -22,17 +25,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     cli = parser.parse_args()
-    step = TrainStep(cli)
+    step = tiny_train_step(cli)
     data = random_rollout(cli.batch, cli.seq, cli.vocab)
     timer = FunctionTimer("gates_for_segments")
     gates = {"block64": GateConfig(block_size=64), "none": GateConfig(granularity="none")}
-    batches = {name: micro_batch(data, gate) for name, gate in gates.items()}
     times = {name: [] for name in gates}
     gate_seconds = {name: [] for name in gates}
 
     def run(name):
         timer.seconds = 0.0
-        seconds = step(LossConfig(gate=gates[name], vocab_size=cli.vocab), batches[name])
+        seconds = step.step(LossConfig(gate=gates[name], vocab_size=cli.vocab), data)
         return seconds, timer.seconds
 
     for name in gates:  # warmup
@@ -54,7 +56,7 @@ def main():
     share = statistics.median([s / t for s, t in zip(gate_seconds["block64"], times["block64"])])
     print(f"\nblock64 / none: {ratio:.3f}x (medians), {ratio_min:.3f}x (minima); "
           f"gates_for_segments is {100 * share:.2f}% of the gated step")
-    step.close()
+    parallel.destroy()
 
 
 if __name__ == "__main__":

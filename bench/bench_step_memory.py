@@ -1,13 +1,14 @@
 """Peak memory of one whole trainer step against the number of tokens, with the LM head fused or not (issue 25).
 
-A step as the trainer runs it, on one process (TP 1): the student's old log-probs recomputed
-(``scoring.logprobs_pass``), an in-trainer teacher's scores (``scoring.teacher_pass``: top-32 and the labels'
-log-probs), then one update (``forward_step.make_forward_step``: the sampled-token OPD loss with the Block-16 gate,
-under Megatron's forward_backward_func; SGD). Student and teacher are tiny Qwen3 models (``--layers``, ``--hidden``,
-untied embeddings) with Qwen3's vocabulary V = 151,936, so that the LM head dominates; the step's batch is one
-micro-batch of ``--tokens`` positions (sequences of ``--seq``). ``fused`` (``loss.fused_head: true``, the default):
-every pass reads the ``LMHead`` from the final hidden states and the output weight; ``unfused``: from the logits
-``[tokens, V]``, which the passes hold (float32: 0.58 MiB per token).
+A step as the trainer runs it, on one process (TP 1), with the trainer's own phases: the student's old log-probs
+recomputed (``ScoringPasses.old_logprobs``), an in-trainer teacher's scores
+(``ScoringPasses.megatron_teacher_scores``: top-32 and the labels' log-probs in one pass), then one update
+(``update.Update``: the sampled-token OPD loss with the Block-16 gate, under Megatron's forward_backward_func; SGD).
+Student and teacher are tiny Qwen3 models (``--layers``, ``--hidden``, untied embeddings) with Qwen3's vocabulary V
+= 151,936, so that the LM head dominates; the step's batch is one micro-batch of ``--tokens`` positions (sequences
+of ``--seq``). ``fused`` (``loss.fused_head: true``, the default): every pass reads the ``LMHead`` from the final
+hidden states and the output weight; ``unfused``: from the logits ``[tokens, V]``, which the passes hold (float32:
+0.58 MiB per token).
 
 Memory: each (path, tokens) runs in a fresh process. Before each pass the peak resident set is reset to the
 current one (Linux VmHWM through /proc/self/clear_refs; glibc mmaps every allocation of 64 KiB or more, so freed
@@ -23,63 +24,40 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 from bench_vocab_parallel import HostPeak, _status_kib
-from train_step import micro_batch, random_rollout
+from train_step import TrainStep, random_rollout, tiny_model
 
 PATHS = ("fused", "unfused")
 TOP_K = 32
 
 
-def _models(cli):
-    """(student DDP, its optimizer, teacher): tiny Qwen3 models of the vocabulary ``cli.vocab``."""
-    from megatron_bpd.models.qwen3 import build_model, load_hf_weights
-    from megatron_bpd.models.tiny import make_tiny_qwen3
-    from megatron_bpd.train.setup import OptimizerSettings, wrap_for_training
-
-    models = []
-    for seed in (0, 1):
-        hf_dir = make_tiny_qwen3(tempfile.mkdtemp(), layers=cli.layers, hidden=cli.hidden, heads=4, kv_heads=2,
-                                 head_dim=cli.hidden // 4, ffn=3 * cli.hidden, vocab=cli.vocab, tied=False, seed=seed)
-        model = build_model(hf_dir, transformer_impl="local")
-        load_hf_weights(model, hf_dir, progress=False)
-        models.append(model)
-    ddp, optimizer = wrap_for_training(models[0], OptimizerSettings(optimizer="sgd", lr=1e-3, clip_grad=0.0))
-    return ddp, optimizer, models[1].eval()
-
-
 def child(path: str, tokens: int, cli) -> dict:
     """One step of ``path`` at ``tokens`` in this process: peak MiB and seconds of each pass."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_bpd import parallel
     from megatron_bpd.gating import GateConfig
-    from megatron_bpd.train.forward_step import make_forward_step
+    from megatron_bpd.models.qwen3 import build_model, load_hf_weights
     from megatron_bpd.train.loss import LossConfig
-    from megatron_bpd.train.scoring import forward_only, logprobs_pass, teacher_pass
-    from megatron_bpd.train.setup import zero_grads
+    from megatron_bpd.train.metrics import MetricSums
 
     torch.set_num_threads(1)
     parallel.initialize(tp=1, seed=0)
-    ddp, optimizer, teacher = _models(cli)
+    data = random_rollout(tokens // cli.seq, cli.seq, cli.vocab, top_k=TOP_K)
+    student = TrainStep(tiny_model(cli, seed=0), len(data.trajectories))
+    student.reload()
+    teacher_dir = tiny_model(cli, seed=1)
+    teacher = build_model(teacher_dir, transformer_impl="local")
+    load_hf_weights(teacher, teacher_dir, progress=False)
     config = LossConfig(gate=GateConfig(block_size=16), vocab_size=cli.vocab, fused_head=path == "fused")
-    batch = micro_batch(random_rollout(tokens // cli.seq, cli.seq, cli.vocab), config.gate)
-
-    def train():
-        zero_grads(ddp, optimizer)
-        get_forward_backward_func()(forward_step_func=make_forward_step(config, batch.num_tokens, 1),
-                                    data_iterator=iter([batch]), model=[ddp], num_microbatches=1,
-                                    seq_length=cli.seq, micro_batch_size=batch.tokens.shape[0], forward_only=False)
-        optimizer.step()
-
-    passes = {"recompute": lambda: forward_only(ddp, [batch], logprobs_pass(config, 1.0), cli.seq),
-              "teacher": lambda: forward_only(teacher, [batch], teacher_pass(config, TOP_K), cli.seq),
-              "train": train}
+    update, passes = student.update(config, teacher.eval(), [f"teacher.top_k={TOP_K}", "reuse.old_logprobs=recompute"])
+    rows = list(range(len(data.trajectories)))
+    steps = {"recompute": lambda: passes.old_logprobs(data, MetricSums(), 0),
+             "teacher": lambda: passes.megatron_teacher_scores(data),
+             "train": lambda: update(data, rows, MetricSums())}
     base, peak, out = _status_kib("VmRSS"), HostPeak(), {}
-    for name, run in passes.items():
+    for name, run in steps.items():
         peak.reset()
         start = time.perf_counter()
         run()

@@ -9,7 +9,7 @@ repeat in the same order:
   sampled-token loss in a few tensor ops, backward, ``torch.optim.Adam``;
 - ``megatron``: Megatron-Core's GPTModel (local spec) under ``get_forward_backward_func()`` with Megatron's DDP and
   optimizer and a plain loss on its logits: what Megatron costs on its own;
-- ``plugin``: the trainer's step (``train.forward_step`` with ``opd_loss``, fused head, no gate);
+- ``plugin``: the trainer's update (``train.update.Update``: ``opd_loss``, fused head, no gate);
 - ``plugin+gate``: the same with the Block-16 gate.
 
 Ratios to ``hf`` are medians over ``--repeats`` (one torch thread). ``--smoke`` runs one tiny repeat.
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from train_step import micro_batch, random_rollout
+from train_step import TrainStep, random_rollout
 
 STUDENT = Path(__file__).resolve().parents[1] / "megatron_bpd" / "data" / "task_models" / "student"
 
@@ -36,56 +36,53 @@ def _ppo_loss(cur, old, teacher, mask, num_tokens, clip=0.2, adv_clip=5.0):
     return torch.where(mask, per_position, 0.0).sum() / num_tokens
 
 
-def hf_step(model, optimizer, data, num_tokens):
+def hf_step(model, optimizer, batches, num_tokens):
     optimizer.zero_grad(set_to_none=True)
-    for mb in data:
-        logits = model(input_ids=mb["tokens"]).logits.float()
-        cur = torch.log_softmax(logits, -1).gather(-1, mb["labels"][..., None])[..., 0]
-        _ppo_loss(cur, mb["old"], mb["teacher"], mb["mask"], num_tokens).backward()
+    for mb in batches:
+        logits = model(input_ids=mb.tokens).logits.float()
+        cur = torch.log_softmax(logits, -1).gather(-1, mb.labels[..., None])[..., 0]
+        _ppo_loss(cur, mb.old_logprobs, mb.teacher_logprobs, mb.loss_mask, num_tokens).backward()
     optimizer.step()
 
 
-def megatron_steps(hf_dir, data, num_tokens, vocab):
-    """{name: step()} for the three Megatron variants, each on its own copy of the weights."""
+def megatron_step(hf_dir, batches, num_tokens):
+    """Megatron-Core alone: its GPTModel, DDP and optimizer under forward_backward_func with the plain loss."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_bpd.gating import GateConfig
-    from megatron_bpd.models.qwen3 import build_model, load_hf_weights
-    from megatron_bpd.train.forward_step import make_forward_step
-    from megatron_bpd.train.loss import LossConfig
-    from megatron_bpd.train.setup import OptimizerSettings, wrap_for_training, zero_grads
+    from megatron_bpd.train.setup import zero_grads
 
-    settings = OptimizerSettings(optimizer="adam", lr=1e-4, clip_grad=0.0)
-    forward_backward = get_forward_backward_func()
-    steps = {}
+    plain = TrainStep(hf_dir, batches[0].tokens.shape[0], "adam", 1e-4)
+    plain.reload()
 
-    def plain_forward_step(data_iterator, model):
+    def forward_step(data_iterator, model):
         mb = next(data_iterator)
         logits = model(mb.tokens, mb.position_ids, attention_mask=None)
 
         def loss_func(output):
             cur = torch.log_softmax(output.float(), -1).gather(-1, mb.labels[..., None])[..., 0]
             loss = _ppo_loss(cur, mb.old_logprobs, mb.teacher_logprobs, mb.loss_mask, num_tokens)
-            return loss * len(data), {"loss": loss.detach()}
+            return loss * len(batches), {"loss": loss.detach()}
         return logits, loss_func
 
-    for name, gate in (("megatron", None), ("plugin", GateConfig(granularity="none")),
-                       ("plugin+gate", GateConfig(block_size=16))):
-        model = build_model(hf_dir, transformer_impl="local")
-        load_hf_weights(model, hf_dir, progress=False)
-        ddp_model, optimizer = wrap_for_training(model, settings)
-        batches = [micro_batch(mb, gate or GateConfig(granularity="none")) for mb in data]
-        forward_step = plain_forward_step if gate is None else make_forward_step(
-            LossConfig(gate=gate, vocab_size=vocab), num_tokens, len(data))
+    def step():
+        zero_grads(plain.ddp, plain.optimizer)
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(batches), model=[plain.ddp],
+                                    num_microbatches=len(batches), seq_length=batches[0].tokens.shape[1],
+                                    micro_batch_size=batches[0].tokens.shape[0], forward_only=False)
+        plain.optimizer.step()
+    return step
 
-        def step(ddp_model=ddp_model, optimizer=optimizer, batches=batches, forward_step=forward_step):
-            zero_grads(ddp_model, optimizer)
-            forward_backward(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp_model],
-                             num_microbatches=len(batches), seq_length=batches[0].tokens.shape[1],
-                             micro_batch_size=batches[0].tokens.shape[0], forward_only=False)
-            optimizer.step()
-        steps[name] = step
-    return steps
+
+def plugin_step(hf_dir, data, micro_batch, gate, vocab):
+    """The trainer's update (``train_step.TrainStep``) with the OPD loss, fused head, ``gate``."""
+    from megatron_bpd.train.loss import LossConfig
+    from megatron_bpd.train.metrics import MetricSums
+
+    plugin = TrainStep(hf_dir, micro_batch, "adam", 1e-4)
+    plugin.reload()
+    update, _ = plugin.update(LossConfig(gate=gate, vocab_size=vocab))
+    rows = list(range(len(data.trajectories)))
+    return lambda: update(data, rows, MetricSums())
 
 
 def main(argv=None):
@@ -107,11 +104,18 @@ def main(argv=None):
     parallel.initialize(tp=1, seed=0)
     hf = AutoModelForCausalLM.from_pretrained(cli.model, dtype=torch.float32)
     vocab = hf.config.vocab_size
-    data = [random_rollout(cli.micro_batch, cli.seq, vocab)] * cli.micro_batches  # the same tokens in each
-    num_tokens = sum(int(mb["mask"].sum()) for mb in data)
+    from megatron_bpd.gating import GateConfig
+    from megatron_bpd.train.rollout_data import MicroBatcher
+
+    data = random_rollout(cli.micro_batches * cli.micro_batch, cli.seq, vocab)
+    rows = list(range(len(data.trajectories)))
+    batches = MicroBatcher(GateConfig(granularity="none"), cli.micro_batch)(data, rows)[1]
+    num_tokens = data.num_tokens(rows)
     optimizer = torch.optim.Adam(hf.parameters(), lr=1e-4)
-    steps = {"hf": lambda: hf_step(hf, optimizer, data, num_tokens), **megatron_steps(cli.model, data, num_tokens,
-                                                                                         vocab)}
+    steps = {"hf": lambda: hf_step(hf, optimizer, batches, num_tokens),
+             "megatron": megatron_step(cli.model, batches, num_tokens),
+             "plugin": plugin_step(cli.model, data, cli.micro_batch, GateConfig(granularity="none"), vocab),
+             "plugin+gate": plugin_step(cli.model, data, cli.micro_batch, GateConfig(block_size=16), vocab)}
     times = {name: [] for name in steps}
     for name, step in steps.items():  # warm-up
         step()

@@ -1,17 +1,22 @@
-"""The training step that the step benchmarks (``bench_gate_step.py``, ``bench_drift_controls.py``) time.
+"""The training step that the step benchmarks (``bench_gate_step.py``, ``bench_drift_controls.py``,
+``bench_step_memory.py``, ``bench_train_step.py``) time: the trainer's own update (``train.update.Update``).
 
-One process (TP 1), a random tiny Qwen3 (``--hidden``, ``--layers``, ``--vocab``), ``--batch`` sequences of ``--seq``
-random tokens (the first quarter prompt) with random pi_old, teacher and behavior log-probs, SGD; a step is what the
-trainer's update runs: Megatron's forward_backward_func with the OPD loss and the optimizer step, on a fresh copy of
-the weights. ``FunctionTimer`` adds up the time spent in functions of ``megatron_bpd.train.loss`` within the steps.
+One process (TP 1), a tiny Qwen3 (``tiny_model``: ``--hidden``, ``--layers``, ``--vocab``) or any HF Qwen3 folder,
+``random_rollout``: ``--batch`` trajectories of ``--seq`` random label positions (the first quarter prompt) with
+random pi_old, teacher (token and top-K) and behavior log-probs. A step is what the trainer's update runs on them:
+the loss's pre-pass, the m2po cutoff, Megatron's forward_backward_func with the OPD loss over the micro-batches and
+the optimizer step. ``FunctionTimer`` adds up the time spent in functions of ``megatron_bpd.train.loss``.
 """
 
+import dataclasses
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from megatron_bpd.gating import GateConfig, plan_segments
+from megatron_bpd.rollout.types import TeacherScores, TrajectoryBatch
+from megatron_bpd.train.rollout_data import RolloutData
 
 
 def add_arguments(parser) -> None:
@@ -23,36 +28,48 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
 
 
-def random_rollout(batch: int, seq: int, vocab: int) -> dict:
+def tiny_model(cli, seed: int = 0) -> Path:
+    """A random tiny Qwen3 of ``cli.hidden`` / ``cli.layers`` / ``cli.vocab`` (untied) in a temporary folder."""
+    from megatron_bpd.models.tiny import make_tiny_qwen3
+
+    return make_tiny_qwen3(tempfile.mkdtemp(), layers=cli.layers, hidden=cli.hidden, heads=4, kv_heads=2,
+                           head_dim=cli.hidden // 4, ffn=3 * cli.hidden, vocab=cli.vocab, tied=False, seed=seed)
+
+
+def random_rollout(batch: int, seq: int, vocab: int, top_k: int = 4) -> RolloutData:
+    """``batch`` trajectories of ``seq`` label positions (prompt seq // 4 + 1 tokens, response the rest) with pi_old
+    in [-6, -4], a sampler 0.2 nats off pi_old (a few versions behind) and teacher scores (label log-probs in
+    [-8, 0], a top-``top_k`` of random ids)."""
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(vocab, (batch, seq + 1), generator=g)
-    starts = torch.full((batch,), seq // 4)
-    mask = torch.arange(seq)[None] >= starts[:, None]
-    old = -torch.rand(batch, seq, generator=g) * 2 - 4
-    teacher = -torch.rand(batch, seq, generator=g) * 8
-    behavior = old + 0.2 * torch.randn(batch, seq, generator=g)  # a sampler a few versions behind pi_old
-    return dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], starts=starts, mask=mask, old=old, teacher=teacher,
-                behavior=behavior)
-
-
-def micro_batch(data: dict, gate: GateConfig):
-    from megatron_bpd.train.batch import MicroBatch
-
-    plan = plan_segments(data["mask"].shape, gate, response_starts=data["starts"])
-    return MicroBatch(tokens=data["tokens"], labels=data["labels"], loss_mask=data["mask"], old_logprobs=data["old"],
-                      segment_ids=plan.segment_ids, plan=plan, teacher_logprobs=data["teacher"],
-                      behavior_logprobs=data["behavior"])
+    prompt, n = seq // 4 + 1, seq - seq // 4
+    old = -torch.rand(batch, n, generator=g) * 2 - 4
+    behavior = old + 0.2 * torch.randn(batch, n, generator=g)
+    teacher = -torch.rand(batch, n, generator=g) * 8
+    top_ids = torch.randint(vocab, (batch, n, top_k), generator=g)
+    top = torch.log_softmax(torch.randn(batch, n, top_k, generator=g), -1).sort(-1, descending=True).values
+    traj = TrajectoryBatch(prompt_ids=tokens[:, :prompt].tolist(), response_ids=tokens[:, prompt:].tolist(),
+                           behavior_logprobs=behavior.tolist(), loss_mask=[[1] * n] * batch,
+                           finish_reason=["length"] * batch, weight_version=["0"] * batch,
+                           prompt_index=list(range(batch)))
+    data = RolloutData(traj, TeacherScores(list(teacher), list(top_ids), list(top)))
+    data.old_logprobs = dict(enumerate(old))
+    return data
 
 
 class FunctionTimer:
-    """Wraps the functions ``names`` of ``megatron_bpd.train.loss`` to add up the seconds spent in them."""
+    """Wraps the functions ``names`` of ``megatron_bpd.train.loss`` to add up the seconds spent in them, under
+    every name the train modules hold them by (``update`` imports ``m2po_batch_cutoff`` from ``loss``)."""
 
     def __init__(self, *names: str):
-        from megatron_bpd.train import loss
+        from megatron_bpd.train import loss, update
 
         self.seconds = 0.0
         for name in names:
-            setattr(loss, name, self._timed(getattr(loss, name)))
+            timed = self._timed(getattr(loss, name))
+            for module in (loss, update):
+                if hasattr(module, name):
+                    setattr(module, name, timed)
 
     def _timed(self, inner):
         def timed(*args, **kwargs):
@@ -65,43 +82,54 @@ class FunctionTimer:
 
 
 class TrainStep:
-    """``TrainStep(cli)(loss_config, batch, prepare)`` -> seconds of one step; ``prepare()`` (inside the timing)
-    returns more keyword arguments of ``make_forward_step``, as the trainer computes them before the step."""
+    """The trainer's update of the HF Qwen3 ``hf_dir`` (built as Megatron's local spec, Megatron DDP and
+    optimizer) in micro-batches of ``micro_batch`` trajectories. ``update(loss_config)``: the ``Update`` itself;
+    ``step(loss_config, data)`` -> seconds of one update on all of ``data`` from a fresh copy of the weights.
+    Call ``parallel.initialize`` first."""
 
-    def __init__(self, cli):
-        torch.set_num_threads(1)
-        from megatron_bpd import parallel
+    def __init__(self, hf_dir, micro_batch: int, optimizer: str = "sgd", lr: float = 1e-3):
         from megatron_bpd.models.qwen3 import build_model
-        from megatron_bpd.models.tiny import make_tiny_qwen3
-        from megatron_bpd.train.setup import OptimizerSettings, wrap_for_training
+        from megatron_bpd.train.setup import OptimizerSettings, lr_scheduler, wrap_for_training
 
-        parallel.initialize(tp=1, seed=0)
-        self.cli = cli
-        self.hf_dir = make_tiny_qwen3(tempfile.mkdtemp(), layers=cli.layers, hidden=cli.hidden, heads=4, kv_heads=2,
-                                      head_dim=cli.hidden // 4, ffn=3 * cli.hidden, vocab=cli.vocab, tied=False)
-        self.model = build_model(self.hf_dir, transformer_impl="local")
-        self.ddp, self.optimizer = wrap_for_training(self.model, OptimizerSettings(optimizer="sgd", lr=1e-3,
-                                                                                    clip_grad=0.0))
+        self.hf_dir, self.micro_batch = hf_dir, micro_batch
+        self.model = build_model(hf_dir, transformer_impl="local")
+        self.settings = OptimizerSettings(optimizer=optimizer, lr=lr, clip_grad=0.0)
+        self.ddp, self.optimizer = wrap_for_training(self.model, self.settings)
+        self.scheduler = lr_scheduler(self.optimizer, self.settings, 1 << 30)
 
-    def __call__(self, config, batch, prepare=dict) -> float:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+    def update(self, loss_config, teacher_model=None, overrides=()):
+        """(``Update``, its ``ScoringPasses``) for ``loss_config`` and the ``TrainConfig`` ``overrides``
+        (``key.sub=value``); ``teacher_model``: an in-trainer teacher."""
+        from megatron_bpd.train.config import load_config
+        from megatron_bpd.train.passes import ScoringPasses
+        from megatron_bpd.train.rollout_data import MicroBatcher
+        from megatron_bpd.train.update import Update
 
+        config = load_config(None, [f"reuse.micro_batch_size={self.micro_batch}", *overrides])
+        config = dataclasses.replace(config, loss=loss_config)
+        batcher = MicroBatcher(loss_config.gate, self.micro_batch)
+        passes = ScoringPasses(config, loss_config, self.ddp, teacher_model, batcher)
+        return Update(config, loss_config, self.ddp, self.optimizer, self.scheduler, batcher, passes), passes
+
+    def reload(self) -> None:
         from megatron_bpd.models.qwen3 import load_hf_weights
-        from megatron_bpd.train.forward_step import make_forward_step
-        from megatron_bpd.train.setup import zero_grads
 
         load_hf_weights(self.model, self.hf_dir, progress=False)
-        zero_grads(self.ddp, self.optimizer)
+
+    def step(self, loss_config, data: RolloutData) -> float:
+        from megatron_bpd.train.metrics import MetricSums
+
+        update, _ = self.update(loss_config)
+        self.reload()
         start = time.perf_counter()
-        forward_step = make_forward_step(config, batch.num_tokens, 1, **prepare())
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[self.ddp],
-                                    num_microbatches=1, seq_length=self.cli.seq, micro_batch_size=self.cli.batch,
-                                    forward_only=False)
-        self.optimizer.step()
+        update(data, list(range(len(data.trajectories))), MetricSums())
         return time.perf_counter() - start
 
-    @staticmethod
-    def close() -> None:
-        from megatron_bpd import parallel
 
-        parallel.destroy()
+def tiny_train_step(cli) -> TrainStep:
+    """One process group of one (gloo), one thread, and a ``TrainStep`` of the tiny model in one micro-batch."""
+    from megatron_bpd import parallel
+
+    torch.set_num_threads(1)
+    parallel.initialize(tp=1, seed=0)
+    return TrainStep(tiny_model(cli), cli.batch)
