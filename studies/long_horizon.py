@@ -87,15 +87,17 @@ class Arm:
 
 
 def premise_arms(args) -> list:
-    return [Arm(h, updates=u, lr=args.lr) for h in args.horizons for u in sorted({1, args.updates})]
+    return [Arm(h, updates=u, lr=lr) for lr in args.lr for h in args.horizons for u in sorted({1, args.updates})]
 
 
 def gate_arms(args) -> list:
-    long = max(args.horizons)
-    base = Arm(long, updates=args.updates, lr=args.lr)
-    return [base, *(replace(base, gate=f"block{b}") for b in (16, 64, 256)), replace(base, gate="newline"),
-            *(replace(base, gate="block64", tau=t) for t in args.taus), replace(base, gate="block64", normalize=False),
-            replace(base, loss="sft")]
+    out = []
+    for lr in args.lr:
+        base = Arm(max(args.horizons), updates=args.updates, lr=lr)
+        out += [base, *(replace(base, gate=f"block{b}") for b in (16, 64, 256)), replace(base, gate="newline"),
+                *(replace(base, gate="block64", tau=t) for t in args.taus),
+                replace(base, gate="block64", normalize=False), replace(base, loss="sft")]
+    return out
 
 
 SECTIONS = {"premise": premise_arms, "gate": gate_arms}
@@ -110,7 +112,7 @@ class LongHorizon(Study):
         parser.add_argument("--section", nargs="+", choices=list(SECTIONS), default=["premise"])
         parser.add_argument("--horizons", type=int, nargs="+", default=[4, 12, 22], help="items per problem")
         parser.add_argument("--updates", type=int, default=8, help="optimizer updates per rollout (reuse)")
-        parser.add_argument("--lr", type=float, default=1e-4)
+        parser.add_argument("--lr", type=float, nargs="+", default=[1e-4], help="learning rates (each a set of arms)")
         parser.add_argument("--taus", type=float, nargs="*", default=[],
                             help="extra Block64 tau values (matched to the measured drift: tau x |D| ~ 0.3-1)")
         parser.add_argument("--split", choices=("dev", "test"), default="dev",
@@ -205,7 +207,7 @@ def comparisons(rows: list, arms: list) -> dict:
         ref = arm.reference()
         if ref is None:
             continue
-        out[arm.name] = {"label": arm.label, "reference": ref.name}
+        out[arm.name] = {"label": arm.label, "reference": ref.name, "horizon": arm.horizon, "lr": arm.lr}
         for key in ("pass8", "pass1", "greedy"):
             pair = paired(by(arm, key), by(ref, key))
             summary = paired_summary(pair["diffs"] if pair else [])
@@ -215,12 +217,28 @@ def comparisons(rows: list, arms: list) -> dict:
 
 
 def premise_gains(rows: list) -> dict:
-    """{(horizon, updates): mean_std of pass@1 after - before} for ungated sampled-token runs."""
+    """{(horizon, lr, updates): mean_std of pass@1 after - before} for ungated sampled-token runs."""
     groups: dict = {}
-    for r in rows:
-        if r["loss"] == "sampled_token" and r["granularity"] == "none":
-            groups.setdefault((r["horizon"], r["updates_per_rollout"]), []).append(r["pass1"] - r["pass1_before"])
+    for r in _ungated(rows):
+        groups.setdefault((r["horizon"], r["lr"], r["updates_per_rollout"]), []).append(r["pass1"] - r["pass1_before"])
     return {key: mean_std(values) for key, values in sorted(groups.items())}
+
+
+def reuse_effects(rows: list) -> dict:
+    """{(horizon, lr, updates): paired_summary of pass@1 with ``updates`` > 1 updates per rollout minus with 1,
+    by seed} for ungated sampled-token runs: does reuse help or hurt at this horizon and learning rate?"""
+    by = lambda h, lr, u: {r["seed"]: r["pass1"] for r in _ungated(rows)  # noqa: E731
+                           if (r["horizon"], r["lr"], r["updates_per_rollout"]) == (h, lr, u)}
+    out = {}
+    for h, lr, u in sorted({(r["horizon"], r["lr"], r["updates_per_rollout"]) for r in _ungated(rows)}):
+        pair = paired(by(h, lr, u), by(h, lr, 1)) if u > 1 else None
+        if pair:
+            out[(h, lr, u)] = paired_summary(pair["diffs"])
+    return out
+
+
+def _ungated(rows: list) -> list:
+    return [r for r in rows if r["loss"] == "sampled_token" and r["granularity"] == "none"]
 
 
 def plot_premise(summary: dict, path) -> None:
@@ -234,10 +252,10 @@ def plot_premise(summary: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for updates in sorted({u for _, u in gains}):
-        points = [(h, g) for (h, u), g in gains.items() if u == updates]
+    for lr, updates in sorted({(lr, u) for _, lr, u in gains}):
+        points = [(h, g) for (h, r, u), g in gains.items() if (r, u) == (lr, updates)]
         ax.errorbar([h for h, _ in points], [g["mean"] for _, g in points], [g["std"] or 0 for _, g in points],
-                    marker="o", capsize=3, label=f"{updates} update(s) per rollout")
+                    marker="o", capsize=3, label=f"lr {lr:g}, {updates} update(s) per rollout")
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set(xlabel="horizon (items per problem)", ylabel="held-out pass@1 gain", title="OPD gain by horizon")
     ax.legend()
@@ -249,15 +267,17 @@ def plot_premise(summary: dict, path) -> None:
 def report(summary: dict, arms: list, args) -> str:
     rows, table = summary["runs"], summary["table"]
     arm_rows = "\n".join(
-        f"| {a.label} | {a.horizon} | {a.updates} | {table[a.name]['greedy']['n']} | "
+        f"| {a.label} | {a.horizon} | {a.lr:g} | {a.updates} | {table[a.name]['greedy']['n']} | "
         + " | ".join("-" if table[a.name][k]["mean"] is None else f"{table[a.name][k]['mean']:.3f} ± "
                      f"{table[a.name][k]['std']:.3f}" for k in ("greedy", "pass1", "pass8", "drift_top10_share"))
         + " |" for a in arms if table[a.name]["greedy"]["n"])
-    versus = "\n".join(f"| {c['label']} (h{c['reference'].split('-')[0][1:]}) | "
+    versus = "\n".join(f"| {c['label']} (h{c['horizon']}, lr {c['lr']:g}) | "
                        + " | ".join(format_paired(c[k]) for k in ("pass8", "pass1", "greedy"))
                        + f" | {c['pass8'].get('seeds_for_0.02') or '-'} |" for c in summary["comparisons"].values())
-    gains = "\n".join(f"| {h} | {u} | {g['n']} | {g['mean']:+.3f} ± {g['std']:.3f} |"
-                      for (h, u), g in premise_gains(rows).items())
+    reuse = reuse_effects(rows)
+    gains = "\n".join(f"| {h} | {lr:g} | {u} | {g['n']} | {g['mean']:+.3f} ± {g['std']:.3f} | "
+                      f"{format_paired(reuse[(h, lr, u)]) if (h, lr, u) in reuse else '-'} |"
+                      for (h, lr, u), g in premise_gains(rows).items())
     missing = summary["meta"]["missing_runs"]
     return f"""# The gate at a long horizon (issue 22): results
 
@@ -271,8 +291,8 @@ Task: running sums (`tasks/running_sum.py`), evaluated on the `{args.split}` spl
 
 ## Each arm (mean ± sd over seeds)
 
-| arm | horizon | updates/rollout | seeds | greedy | pass@1 | pass@8 | top-10% block share of drift |
-|---|---|---|---|---|---|---|---|
+| arm | horizon | lr | updates/rollout | seeds | greedy | pass@1 | pass@8 | top-10% block share of drift |
+|---|---|---|---|---|---|---|---|---|
 {arm_rows}
 
 ## Paired against no gate (same seeds), 95% t interval and minimum detectable effect
@@ -281,11 +301,14 @@ Task: running sums (`tasks/running_sum.py`), evaluated on the `{args.split}` spl
 |---|---|---|---|---|
 {versus or '| - | - | - | - | - |'}
 
-## The premise: OPD's pass@1 gain by horizon and reuse
+## The premise: OPD's pass@1 gain by horizon, learning rate and reuse
 
-| horizon | updates/rollout | seeds | gain |
-|---|---|---|---|
-{gains or '| - | - | - | - |'}
+The gain is pass@1 after minus before (mean ± sd over seeds); "against 1 update" is pass@1 with this many updates
+per rollout minus with one, paired by seed (95% t interval, minimum detectable effect).
+
+| horizon | lr | updates/rollout | seeds | gain | against 1 update |
+|---|---|---|---|---|---|
+{gains or '| - | - | - | - | - | - |'}
 
 ![premise](premise.png)
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from studies.long_horizon import Arm, LongHorizon, comparisons, premise_gains, report, row
+from studies.long_horizon import Arm, LongHorizon, comparisons, premise_gains, report, reuse_effects, row
 
 
 def _run(greedy, pass1, pass8, drift):
@@ -22,7 +22,7 @@ def _run(greedy, pass1, pass8, drift):
 
 
 def _args(**kw):
-    base = dict(horizons=[4, 24], updates=8, lr=1e-4, taus=[4.0], split="dev", section=["premise", "gate"],
+    base = dict(horizons=[4, 24], updates=8, lr=[1e-4], taus=[4.0], split="dev", section=["premise", "gate"],
                 quick=False, steps=20, seeds=[0, 1, 2], eval_samples=8, command="python -m studies.long_horizon")
     return argparse.Namespace(**{**base, **kw})
 
@@ -41,6 +41,28 @@ def test_arms_sections_and_references():
                                                                        "normalize": False}
     assert Arm(24, loss="sft").reference() == Arm(24) and Arm(24, loss="sft").gate_section() == {"granularity": "none"}
     assert study.arms(_args(quick=True)) == [Arm(4, updates=1)]
+    two = study.arms(_args(lr=[1e-4, 3e-4]))  # each learning rate is a set of arms with its own reference
+    assert len(two) == 2 * len(arms) and {a.lr for a in two} == {1e-4, 3e-4}
+    assert Arm(24, gate="block16", lr=3e-4).reference() == Arm(24, lr=3e-4)
+
+
+def test_reuse_effect_is_paired_by_seed_within_horizon_and_lr():
+    args = _args(section=["premise"], horizons=[24], lr=[1e-4, 3e-4])
+    flat = [0.0] * 64
+    runs = {}
+    for s in range(3):  # at lr 1e-4 reuse helps by 0.1, 0.2, 0.3; at 3e-4 it hurts by 0.05 on every seed
+        runs[(Arm(24, updates=1), s)] = _run(0.5, 0.4, 0.7, flat)
+        runs[(Arm(24, updates=8), s)] = _run(0.5, 0.5 + 0.1 * s, 0.7, flat)
+        runs[(Arm(24, updates=1, lr=3e-4), s)] = _run(0.5, 0.3 + 0.1 * s, 0.7, flat)
+        runs[(Arm(24, updates=8, lr=3e-4), s)] = _run(0.5, 0.25 + 0.1 * s, 0.7, flat)
+    rows = [row(arm, seed, run, args, newline=[9]) for (arm, seed), run in runs.items()]
+    effects = reuse_effects(rows)
+    assert set(effects) == {(24, 1e-4, 8), (24, 3e-4, 8)}
+    assert effects[(24, 1e-4, 8)]["mean"] == pytest.approx(0.2) and effects[(24, 1e-4, 8)]["n"] == 3
+    assert effects[(24, 3e-4, 8)]["mean"] == pytest.approx(-0.05) and effects[(24, 3e-4, 8)]["sd"] < 1e-9
+    summary = LongHorizon().summarize(runs, [], args)
+    text = report(summary, LongHorizon().arms(args), args)
+    assert "| 24 | 0.0003 | 8 | 3 |" in text and "-0.050 [" in text
 
 
 def test_row_comparisons_and_report():
@@ -62,7 +84,7 @@ def test_row_comparisons_and_report():
                "comparisons": {gated.name: comp}, "meta": {"missing_runs": []}}
     text = report(summary, [ref, gated], args)
     assert "sampled-token + Block64" in text and "+0.030 [" in text
-    assert premise_gains(rows)[(24, 8)]["mean"] == pytest.approx(0.16)
+    assert premise_gains(rows)[(24, 1e-4, 8)]["mean"] == pytest.approx(0.16)
 
 
 @pytest.mark.slow
