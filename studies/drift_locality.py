@@ -4,6 +4,10 @@ lp_cur - lp_old per response position, ``response_ids``), the question a block g
 - ``top_share``: the share of a response's |drift| mass in its top 10% of blocks (at least one block). Under the
   null of no locality (|drift| exchangeable over positions) it is about the blocks' share, so each response is also
   compared with the same statistic after a random permutation of its positions (``permuted_top_share``).
+- ``late_share``: the share of a response's |drift| mass in its last quarter of positions. Under the same null
+  (exchangeable |drift|) its expectation is exactly that quarter's share of the positions, however heavy the
+  tails, so ``late_share`` minus it tests whether drift sits late in a response (the permuted ``top_share`` cannot:
+  a few heavy tokens give a high top share at any place).
 - ``drift_by_block``: mean |drift| per token at each block index over responses (does drift grow along a
   response?); ``drift_by_line``: the same per solution line (lines end at a newline token).
 """
@@ -36,6 +40,15 @@ def permuted_top_share(drift: Sequence[float], block: int, fraction: float = 0.1
     values = list(drift)
     random.Random(seed).shuffle(values)
     return top_share(values, block, fraction)
+
+
+def late_share(drift: Sequence[float], fraction: float = 0.25) -> tuple:
+    """(share of the |drift| mass in the last ceil(``fraction`` x n) positions, that span's share of the n positions:
+    the share's expectation when |drift| is exchangeable over positions); (0, span share) without drift."""
+    n = len(drift)
+    span = max(1, math.ceil(fraction * n))
+    total = sum(abs(d) for d in drift)
+    return (sum(abs(d) for d in drift[n - span:]) / total if total else 0.0), span / n
 
 
 def drift_by_block(rows: Sequence[dict], block: int) -> List[float]:
@@ -71,15 +84,21 @@ def drift_by_line(rows: Sequence[dict], newline_ids: Sequence[int]) -> List[floa
 
 
 def locality(rows: Sequence[dict], block: int, fraction: float = 0.1) -> dict:
-    """Per-response ``top_share`` and its permuted null over ``rows`` with any drift: ``{"n", "top_share",
-    "null_share", "excess"}`` (means; ``excess`` = top_share - null_share, > 0 when the drift is local)."""
-    shares, nulls = [], []
+    """Per-response ``top_share`` and its permuted null, ``late_share`` and its null, over ``rows`` with any drift:
+    ``{"n", "top_share", "null_share", "excess", "late_share", "late_null", "late_excess"}`` (means; ``excess`` =
+    top_share - null_share, > 0 when the drift is clustered; ``late_excess`` > 0 when it sits late)."""
+    shares, nulls, late, late_null = [], [], [], []
     for i, row in enumerate(rows):
         if any(row["drift"]):
             shares.append(top_share(row["drift"], block, fraction))
             nulls.append(permuted_top_share(row["drift"], block, fraction, seed=i))
+            share, expected = late_share(row["drift"])
+            late.append(share)
+            late_null.append(expected)
     if not shares:
-        return {"n": 0, "top_share": None, "null_share": None, "excess": None}
+        return {key: None for key in ("top_share", "null_share", "excess", "late_share", "late_null",
+                                      "late_excess")} | {"n": 0}
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {"n": len(shares), "top_share": mean(shares), "null_share": mean(nulls),
-            "excess": mean(shares) - mean(nulls)}
+            "excess": mean(shares) - mean(nulls), "late_share": mean(late), "late_null": mean(late_null),
+            "late_excess": mean(late) - mean(late_null)}

@@ -36,6 +36,7 @@ from .study import Study
 
 TRACED = 4  # trajectories per step whose per-position drift and gates are logged
 LOCALITY_BLOCK = 16  # tokens (about one solution line) for the top-10% share
+ARM_COLUMNS = ("greedy", "pass1", "pass8", "drift_top10_share", "drift_late_excess")  # the report's per-arm means
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,7 @@ class LongHorizon(Study):
         rows = [row(arm, seed, run, args, newline) for (arm, seed), run in runs.items()]
         arms = self.arms(args)
         table = {arm.name: {key: mean_std([r[key] for r in rows if r["config"] == arm.name])
-                            for key in ("greedy", "pass1", "pass8", "drift_top10_share", "gate_min", "seconds")}
-                 for arm in arms}
+                            for key in (*ARM_COLUMNS, "gate_min", "seconds")} for arm in arms}
         return {"runs": rows, "table": table, "comparisons": comparisons(rows, arms),
                 "meta": {"command": args.command, "split": args.split, "steps": args.steps, "seeds": args.seeds,
                          "missing_runs": missing}}
@@ -173,7 +173,7 @@ def row(arm: Arm, seed: int, run: dict, args, newline: list) -> dict:
     metrics = run["metrics"]
     series = lambda key: [m[key] for m in metrics if key in m]  # noqa: E731
     trace = [json.loads(line) for line in run["files"].get("gate_trace.jsonl", "").splitlines()]
-    drifting = [t for t in trace if any(t["drift"])]
+    drifting = [t for t in trace if (t["epoch"], t["minibatch"]) != (0, 0)]  # the first: float rounding only
     locality = drift_locality.locality(drifting, LOCALITY_BLOCK)
     lengths = series("response_length")
     return {
@@ -188,6 +188,7 @@ def row(arm: Arm, seed: int, run: dict, args, newline: list) -> dict:
         "response_tokens_median": statistics.median(lengths) if lengths else None,
         "drift_abs_mean": statistics.fmean(series("drift_abs_mean")) if series("drift_abs_mean") else None,
         "drift_top10_share": locality["top_share"], "drift_top10_null": locality["null_share"],
+        "drift_late_share": locality["late_share"], "drift_late_excess": locality["late_excess"],
         "drift_by_line": drift_locality.drift_by_line(drifting, newline) if drifting and "response_ids" in
         drifting[0] else None,
         "gate_min": min(series("gate_min"), default=None), "gate_std": statistics.fmean(series("gate_std"))
@@ -269,7 +270,7 @@ def report(summary: dict, arms: list, args) -> str:
     arm_rows = "\n".join(
         f"| {a.label} | {a.horizon} | {a.lr:g} | {a.updates} | {table[a.name]['greedy']['n']} | "
         + " | ".join("-" if table[a.name][k]["mean"] is None else f"{table[a.name][k]['mean']:.3f} ± "
-                     f"{table[a.name][k]['std']:.3f}" for k in ("greedy", "pass1", "pass8", "drift_top10_share"))
+                     f"{table[a.name][k]['std']:.3f}" for k in ARM_COLUMNS)
         + " |" for a in arms if table[a.name]["greedy"]["n"])
     versus = "\n".join(f"| {c['label']} (h{c['horizon']}, lr {c['lr']:g}) | "
                        + " | ".join(format_paired(c[k]) for k in ("pass8", "pass1", "greedy"))
@@ -291,8 +292,13 @@ Task: running sums (`tasks/running_sum.py`), evaluated on the `{args.split}` spl
 
 ## Each arm (mean ± sd over seeds)
 
-| arm | horizon | lr | updates/rollout | seeds | greedy | pass@1 | pass@8 | top-10% block share of drift |
-|---|---|---|---|---|---|---|---|---|
+Drift locality from the traced responses (``drift_locality``): the share of |drift| in a response's top 10% of
+16-token blocks (its permuted null is close to it when a few heavy tokens carry the drift), and the share in its
+last quarter of positions minus that quarter's share of positions ("late excess": 0 when drift does not depend on
+position).
+
+| arm | horizon | lr | updates/rollout | seeds | greedy | pass@1 | pass@8 | drift: top-10% block share | late excess |
+|---|---|---|---|---|---|---|---|---|---|
 {arm_rows}
 
 ## Paired against no gate (same seeds), 95% t interval and minimum detectable effect

@@ -2,7 +2,7 @@
 
 import pytest
 
-from studies.drift_locality import (block_masses, drift_by_block, drift_by_line, line_ids, locality,
+from studies.drift_locality import (block_masses, drift_by_block, drift_by_line, late_share, line_ids, locality,
                                     permuted_top_share, top_share)
 
 
@@ -33,3 +33,18 @@ def test_drift_by_block_and_by_line():
     assert line_ids([5, 9, 5, 5, 9, 5], newline_ids=[9]) == [0, 0, 1, 1, 1, 2]
     # lines: row 0 -> [1, 1], [2, 2, 4]; row 1 -> [3], [-3]
     assert drift_by_line(rows, [9]) == pytest.approx([5.0 / 3, 11.0 / 4])
+
+
+def test_late_share_against_its_exchangeable_expectation():
+    assert late_share([1.0, 0.0, 0.0, 3.0, -1.0]) == pytest.approx((4.0 / 5.0, 2 / 5))  # last ceil(1.25) = 2 of 5
+    assert late_share([0.0] * 4) == (0.0, 0.25)
+    late = [0.0] * 150 + [0.4] * 50  # all the drift in the last quarter
+    early = [0.4] * 50 + [0.0] * 150  # the same values, first quarter
+    heavy = [0.0] * 99 + [5.0] + [0.0] * 100  # one heavy token mid-response: a top share of 1 anywhere, not late
+    result = locality([{"drift": late}, {"drift": early}], block=10)
+    assert result["late_share"] == pytest.approx(0.5) and result["late_excess"] == pytest.approx(0.25)
+    one = locality([{"drift": heavy}], block=10)
+    assert one["top_share"] == one["null_share"] == 1.0 and one["late_excess"] == pytest.approx(-0.25)
+    assert locality([{"drift": [0.0] * 8}], block=4) == {"n": 0, "top_share": None, "null_share": None,
+                                                           "excess": None, "late_share": None, "late_null": None,
+                                                           "late_excess": None}

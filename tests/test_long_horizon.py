@@ -15,8 +15,9 @@ def _run(greedy, pass1, pass8, drift):
              {"step": 4, "student": {"n": 10, "greedy": greedy, "pass1": pass1, "pass8": pass8}}]
     metrics = [{"step": s, "response_length": 300 + s, "drift_abs_mean": 0.01, "gate_min": 0.5 + 0.1 * s,
                 "gate_std": 0.1} for s in range(4)]
-    trace = [{"drift": [0.0] * 8, "response_ids": [1] * 8},  # a first update: no drift yet, left out
-             {"drift": drift, "response_ids": ([5] * 15 + [9]) * (len(drift) // 16)}]
+    trace = [{"epoch": 0, "minibatch": 0, "drift": [1e-6] * 8, "response_ids": [1] * 8},  # the first update: only
+             {"epoch": 0, "minibatch": 1, "drift": drift,                             # rounding, left out
+              "response_ids": ([5] * 15 + [9]) * (len(drift) // 16)}]
     return {"evals": evals, "metrics": metrics, "seconds": 60.0,
             "files": {"gate_trace.jsonl": "\n".join(json.dumps(t) for t in trace)}}
 
