@@ -153,6 +153,7 @@ class LongHorizon(Study):
 
     def plot(self, summary, runs, args):
         plot_premise(summary, args.out / "premise.png")
+        plot_drift(summary, runs, args.out / "drift.png")
 
     def report(self, summary, runs, args):
         return report(summary, self.arms(args), args)
@@ -265,6 +266,44 @@ def plot_premise(summary: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_drift(summary: dict, runs: dict, path) -> None:
+    """Where the drift sits: mean |drift| per token by solution line for every arm with reuse (mean over seeds),
+    and |drift| along the traced responses of the first such run's last step (a row per response and update)."""
+    by_line = {}
+    for r in summary["runs"]:
+        if r["drift_by_line"]:
+            by_line.setdefault((r["arm"], r["lr"], r["updates_per_rollout"]), []).append(r["drift_by_line"])
+    if not by_line:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for (arm, lr, updates), curves in sorted(by_line.items()):
+        lines = min(len(c) for c in curves)
+        left.plot(range(lines), [statistics.fmean(c[i] for c in curves) for i in range(lines)], marker=".",
+                  label=f"{arm}, lr {lr:g}, {updates} updates ({len(curves)} seeds)")
+    left.set(xlabel="solution line", ylabel="mean |drift| per token (nats)", yscale="log",
+             title="drift by line (updates after a rollout's first)")
+    left.legend(fontsize=7)
+    (arm, seed), run = next((key, run) for key, run in runs.items() if key[0].updates > 1)
+    trace = [json.loads(line) for line in run["files"].get("gate_trace.jsonl", "").splitlines()]
+    step = max(t["step"] for t in trace)
+    rows = [t for t in trace if t["step"] == step and (t["epoch"], t["minibatch"]) != (0, 0)]
+    width = max(len(t["drift"]) for t in rows)
+    grid = [[max(abs(d), 1e-5) for d in t["drift"]] + [float("nan")] * (width - len(t["drift"])) for t in rows]
+    image = right.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest",
+                         norm=matplotlib.colors.LogNorm(vmin=1e-4, vmax=max(max(g) for g in grid)))
+    fig.colorbar(image, ax=right, label="|drift| (nats, log)")
+    right.set(xlabel="response position", ylabel="traced response x update",
+              title=f"{arm.label}, lr {arm.lr:g}, seed {seed}: step {step}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(summary: dict, arms: list, args) -> str:
     rows, table = summary["runs"], summary["table"]
     arm_rows = "\n".join(
@@ -317,6 +356,10 @@ per rollout minus with one, paired by seed (95% t interval, minimum detectable e
 {gains or '| - | - | - | - | - | - |'}
 
 ![premise](premise.png)
+
+## Where the drift sits
+
+![drift](drift.png)
 """
 
 
