@@ -13,8 +13,9 @@ and reports on ``test`` (``tasks.registry.study_splits``, disjoint from the pair
 Arms (``ARMS``): ``none``; ``proximal`` (pi_old recomputed before the step, ``reuse.old_logprobs: recompute``: under
 staleness the controls that read pi_old / pi_behavior need it, so it isolates their own effect; at k = 0 it is
 ``none``); ``gate`` (Block16, tau 1); ``token_drop``, ``icepop``, ``tis``, ``seq_mask``, ``m2po``; and
-``advantage_current`` (``loss.advantage_from: current``). Each is compared seed by seed with ``none`` and, where it
-runs on the proximal pi_old, with ``proximal``. The runs are kept in ``OUT/runs.tar.xz``.
+``advantage_current`` (``loss.advantage_from: current``). At k = 0 the controls on pi_old / pi_behavior are no-ops
+(weight 1) and only ICE-POP runs, as the noise check (``arms_of``). Each is compared seed by seed with ``none`` and,
+where it runs on the proximal pi_old, with ``proximal``. The runs are kept in ``OUT/runs.tar.xz``.
 """
 
 from __future__ import annotations
@@ -95,9 +96,20 @@ class Arm:
         return refs
 
 
+NOISE_CHECK = "icepop"  # the one no-op control run at k = 0: how far a change of < 1e-4 in an update moves a run
+
+
 def arms_of(regimes: list) -> list:
-    """Every arm of ``regimes``; ``proximal`` only where it differs from ``none`` (k > 0)."""
-    return [Arm(r, c) for r in regimes for c in ARMS if not (c == "proximal" and REGIMES[r].staleness == 0)]
+    """Every arm of ``regimes``; ``proximal`` only where it differs from ``none`` (k > 0). At k = 0 pi_old is the
+    sampler's policy, so the controls on pi_old / pi_behavior weigh every position 1: of those only ``NOISE_CHECK``
+    runs, as the measure of the noise between two runs that differ by float rounding."""
+
+    def differs(regime: str, control: str) -> bool:
+        if REGIMES[regime].staleness:
+            return True
+        return control != "proximal" and (RATIOS.get(control) != "proximal/behavior" or control == NOISE_CHECK)
+
+    return [Arm(r, c) for r in regimes for c in ARMS if differs(r, c)]
 
 
 class DriftControls(Study):

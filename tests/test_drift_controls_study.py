@@ -19,7 +19,10 @@ def _config(arm: Arm) -> TrainConfig:
 
 def test_every_arm_is_a_valid_config_with_its_sources_settings():
     arms = arms_of(list(REGIMES))
-    assert len(arms) == 3 * len(ARMS) - 1  # no "proximal" arm at k = 0, where it is "none"
+    # at k = 0 no "proximal" arm (it is "none") and of the no-op controls on pi_old / pi_behavior only ICE-POP
+    assert len(arms) == 3 * len(ARMS) - 4
+    assert [a.control for a in arms if a.regime == "reuse"] == ["none", "gate", "token_drop", "icepop",
+                                                                 "advantage_current"]
     for arm in arms:
         c, regime = _config(arm), REGIMES[arm.regime]
         assert (c.reuse.epochs * c.reuse.minibatches, c.rollout.max_staleness, c.optimizer.lr) == \
