@@ -91,13 +91,19 @@ def premise_arms(args) -> list:
     return [Arm(h, updates=u, lr=lr) for lr in args.lr for h in args.horizons for u in sorted({1, args.updates})]
 
 
+GATE_ARMS = ("block16", "block64", "block256", "newline", "tau", "raw", "sft")
+
+
 def gate_arms(args) -> list:
+    """At the long horizon and each ``--gate-lr`` (default ``--lr``): no gate and the ``--gates`` arms."""
     out = []
-    for lr in args.lr:
+    for lr in args.gate_lr or args.lr:
         base = Arm(max(args.horizons), updates=args.updates, lr=lr)
-        out += [base, *(replace(base, gate=f"block{b}") for b in (16, 64, 256)), replace(base, gate="newline"),
-                *(replace(base, gate="block64", tau=t) for t in args.taus),
-                replace(base, gate="block64", normalize=False), replace(base, loss="sft")]
+        arms = {"block16": [replace(base, gate="block16")], "block64": [replace(base, gate="block64")],
+                "block256": [replace(base, gate="block256")], "newline": [replace(base, gate="newline")],
+                "tau": [replace(base, gate="block64", tau=t) for t in args.taus],
+                "raw": [replace(base, gate="block64", normalize=False)], "sft": [replace(base, loss="sft")]}
+        out += [base, *(arm for name in args.gates for arm in arms[name])]
     return out
 
 
@@ -114,6 +120,9 @@ class LongHorizon(Study):
         parser.add_argument("--horizons", type=int, nargs="+", default=[4, 12, 22], help="items per problem")
         parser.add_argument("--updates", type=int, default=8, help="optimizer updates per rollout (reuse)")
         parser.add_argument("--lr", type=float, nargs="+", default=[1e-4], help="learning rates (each a set of arms)")
+        parser.add_argument("--gate-lr", type=float, nargs="+", help="the gate section's lrs (default --lr)")
+        parser.add_argument("--gates", nargs="+", choices=GATE_ARMS, default=list(GATE_ARMS),
+                            help="the gate section's arms beside no gate (tau: Block64 at each --taus)")
         parser.add_argument("--taus", type=float, nargs="*", default=[],
                             help="extra Block64 tau values (matched to the measured drift: tau x |D| ~ 0.3-1)")
         parser.add_argument("--split", choices=("dev", "test"), default="dev",

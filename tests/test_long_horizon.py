@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from studies.long_horizon import Arm, LongHorizon, comparisons, premise_gains, report, reuse_effects, row
+from studies.long_horizon import GATE_ARMS, Arm, LongHorizon, comparisons, premise_gains, report, reuse_effects, row
 
 
 def _run(greedy, pass1, pass8, drift):
@@ -23,8 +23,9 @@ def _run(greedy, pass1, pass8, drift):
 
 
 def _args(**kw):
-    base = dict(horizons=[4, 24], updates=8, lr=[1e-4], taus=[4.0], split="dev", section=["premise", "gate"],
-                quick=False, steps=20, seeds=[0, 1, 2], eval_samples=8, command="python -m studies.long_horizon")
+    base = dict(horizons=[4, 24], updates=8, lr=[1e-4], gate_lr=None, gates=list(GATE_ARMS), taus=[4.0], split="dev",
+                section=["premise", "gate"], quick=False, steps=20, seeds=[0, 1, 2], eval_samples=8,
+                command="python -m studies.long_horizon")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -45,6 +46,8 @@ def test_arms_sections_and_references():
     two = study.arms(_args(lr=[1e-4, 3e-4]))  # each learning rate is a set of arms with its own reference
     assert len(two) == 2 * len(arms) and {a.lr for a in two} == {1e-4, 3e-4}
     assert Arm(24, gate="block16", lr=3e-4).reference() == Arm(24, lr=3e-4)
+    some = study.arms(_args(section=["gate"], horizons=[24], lr=[1e-4, 3e-4], gate_lr=[3e-4], gates=["block16", "sft"]))
+    assert some == [Arm(24, lr=3e-4), Arm(24, gate="block16", lr=3e-4), Arm(24, loss="sft", lr=3e-4)]
 
 
 def test_reuse_effect_is_paired_by_seed_within_horizon_and_lr():
