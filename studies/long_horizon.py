@@ -253,7 +253,8 @@ def _ungated(rows: list) -> list:
 
 
 def plot_premise(summary: dict, path) -> None:
-    """pass@1 gain of ungated sampled-token OPD by horizon, one line per reuse schedule (mean and seeds)."""
+    """pass@1 gain of ungated sampled-token OPD by horizon, one line per learning rate and reuse schedule; with one
+    horizon, by learning rate, one line per reuse schedule (mean ± sd over seeds)."""
     gains = premise_gains(summary["runs"])
     if not gains:
         return
@@ -262,13 +263,20 @@ def plot_premise(summary: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_horizon = len({h for h, _, _ in gains}) > 1  # else: the gain against the learning rate
     fig, ax = plt.subplots(figsize=(6, 4))
-    for lr, updates in sorted({(lr, u) for _, lr, u in gains}):
-        points = [(h, g) for (h, r, u), g in gains.items() if (r, u) == (lr, updates)]
-        ax.errorbar([h for h, _ in points], [g["mean"] for _, g in points], [g["std"] or 0 for _, g in points],
-                    marker="o", capsize=3, label=f"lr {lr:g}, {updates} update(s) per rollout")
+    for line, updates in sorted({(lr if by_horizon else h, u) for h, lr, u in gains}):
+        points = sorted((h if by_horizon else lr, g) for (h, lr, u), g in gains.items()
+                        if ((lr if by_horizon else h), u) == (line, updates))
+        ax.errorbar([x for x, _ in points], [g["mean"] for _, g in points], [g["std"] or 0 for _, g in points],
+                    marker="o", capsize=3,
+                    label=f"{f'lr {line:g}' if by_horizon else f'{line} items'}, {updates} update(s) per rollout")
     ax.axhline(0, color="gray", linewidth=0.8)
-    ax.set(xlabel="horizon (items per problem)", ylabel="held-out pass@1 gain", title="OPD gain by horizon")
+    if by_horizon:
+        ax.set(xlabel="horizon (items per problem)", title="OPD gain by horizon")
+    else:
+        ax.set(xlabel="learning rate", xscale="log", title="OPD gain by learning rate")
+    ax.set(ylabel="held-out pass@1 gain (mean ± sd over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
