@@ -205,6 +205,13 @@ def owned(ids: torch.Tensor, shard: Shard) -> Tuple[torch.Tensor, torch.Tensor]:
     return local.clamp(0, max(shard.valid, 1) - 1), mine
 
 
+def owned_logits(source, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x / T at global ids ``[n, K]`` where this rank holds the id, 0 elsewhere ``[n, K]`` float32: summed over TP,
+    each id's logit (one owner per id)."""
+    local, mine = owned(ids, source.shard)
+    return torch.where(mine, source.at(local) / temperature, 0.0)
+
+
 def _softmax_grad_chunk(rows, temperature, big_m, norm, ent, g_norm, g_ent, out, scratch):
     """out ``[c, v]`` float32 = d(g_norm * L + g_ent * H)/d logits = p * (g_norm - g_ent * (log p + H)) / T with
     p = exp(x - M) * exp(-L) recomputed from ``rows``; a term whose grad is None is skipped (both None: zeros)."""
@@ -239,8 +246,7 @@ class VocabStats(torch.autograd.Function):
             m, log_s, ent, _, _ = local_stats(source, temperature, chunk, entropy)
             cols += [t.unsqueeze(-1) for t in (m, log_s, ent) if t is not None]
         if ids is not None:
-            local, mine = owned(ids, shard)
-            cols.append(torch.where(mine, source.at(local) / temperature, 0.0))
+            cols.append(owned_logits(source, ids, temperature))
         gathered = all_gather_rows(torch.cat(cols, -1), shard)  # [tp, n, S]
         big_m = norm = ent = x_ids = None
         if softmax:
@@ -304,8 +310,7 @@ def topk_from_chunks(source, k: int, temperature: float, chunk: int, at: Optiona
     m, log_s, _, values, ids = local_stats(source, temperature, chunk, False, k)
     floats = [m.unsqueeze(-1), log_s.unsqueeze(-1), values]
     if at is not None:
-        local, mine = owned(at, shard)
-        floats.append(torch.where(mine, source.at(local) / temperature, 0.0))
+        floats.append(owned_logits(source, at, temperature))
     width = 2 + k + (0 if at is None else at.shape[1])
     gathered = all_gather_rows(_pack_candidates(torch.cat(floats, -1), ids), shard)  # [tp, n, width + k] int32
     stats = gathered[..., :width].contiguous().view(torch.float32)
